@@ -1,0 +1,27 @@
+# `make test` and `make demo` work on a fresh machine: they create .venv when it is missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo venv clean coverage
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+demo: $(STAMP)
+	@echo "make demo arrives with the training issue; see README.md" && exit 1
+
+coverage: $(STAMP)
+	$(BIN)/python benchmarks/coverage.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
