@@ -1,0 +1,8 @@
+"""headsurgeon: collaborative learning (Song & Chai, NeurIPS 2018) for the timm model zoo."""
+__version__ = "0.1.0"
+
+from .errors import HeadsurgeonError  # noqa: E402
+from .tree import HeadTree, split  # noqa: E402
+from .collapse import collapse, export  # noqa: E402
+
+__all__ = ["HeadTree", "HeadsurgeonError", "collapse", "export", "split", "__version__"]
