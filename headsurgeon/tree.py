@@ -120,6 +120,29 @@ class HeadTree(nn.Module):
         base = set(self.spec.get("no_weight_decay", []))
         return {n for n, _ in self.named_parameters() if _original_name(n) in base}
 
+    def run_head(self, head: int, x: torch.Tensor) -> Any:
+        """Forward through one root-to-leaf path only (what a collapsed model computes)."""
+        segs = self.segments(head)
+        vals = segs[0](x)
+        for seg in segs[1:]:
+            vals = seg(*vals)
+        return vals
+
+    def cost(self, input_size: Sequence[int] | None = None) -> dict[str, int]:
+        """Parameters and FLOPs per image of the tree and of one head (= the base model)."""
+        from .points import count_flops
+
+        p = next(iter(self.parameters()))
+        x = torch.zeros(1, *(input_size or self.spec["input_size"]), device=p.device, dtype=p.dtype)
+        was = self.training
+        self.eval()
+        try:
+            flops = {"tree_flops": count_flops(self, x), "base_flops": count_flops(lambda t: self.run_head(0, t), x)}
+        finally:
+            self.train(was)
+        base = {id(t): t.numel() for seg in self.segments(0) for t in seg.parameters()}
+        return {"tree_params": sum(t.numel() for t in self.parameters()), "base_params": sum(base.values()), **flops}
+
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, at={self.spec.get('at')}, fanout={self.fanout}, rescale={self.rescale}"
 

@@ -1,0 +1,191 @@
+"""Command line: a thin click shell over the public Python API."""
+from __future__ import annotations
+
+import functools
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .errors import HeadsurgeonError
+
+
+def _one_line_errors(fn: Callable) -> Callable:
+    """Bad input becomes ``Error: <one line>`` and exit code 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def show(message, category, filename, lineno, file=None, line=None):
+            click.secho(f"warning: {message}", fg="yellow", err=True)
+
+        old = warnings.showwarning
+        warnings.showwarning = show
+        try:
+            return fn(*args, **kwargs)
+        except HeadsurgeonError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            raise click.Abort() from None
+        finally:
+            warnings.showwarning = old
+
+    return wrapper
+
+
+def _parse_kwargs(pairs: tuple[str, ...]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in (p for item in pairs for p in item.split()):
+        key, eq, value = pair.partition("=")
+        if not eq or not key.isidentifier():
+            raise HeadsurgeonError(f"--model-kwargs expects key=value pairs, got '{pair}' (e.g. --model-kwargs drop_path_rate=0.1)")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _int_list(value: str | None, what: str) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise HeadsurgeonError(f"{what} must be comma-separated integers, e.g. 2,2; got '{value}'") from None
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g}P"
+
+
+def _safe_name(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", model.split(":", 1)[-1]).strip("_") or "model"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="headsurgeon")
+def main() -> None:
+    """Collaborative learning for timm models: split a model into a tree of heads, train it,
+    collapse one head back into the original architecture."""
+
+
+@main.command()
+@click.argument("model")
+@click.option("--all", "all_paths", is_flag=True, help="List every module path, not only the top two levels.")
+@click.option("--num-classes", type=int, default=None, help="Classifier size (changes the head's parameters).")
+@click.option("--model-kwargs", multiple=True, metavar="K=V", help="Extra timm.create_model kwargs, e.g. img_size=64.")
+@click.option("--input-size", default=None, metavar="C,H,W", help="Input size for shapes and FLOPs (default: the model's).")
+@_one_line_errors
+def nodes(model: str, all_paths: bool, num_classes: int | None, model_kwargs: tuple[str, ...], input_size: str | None) -> None:
+    """List the candidate split points of MODEL (timm feature_info modules first) with the output
+    shape there and the parameters and FLOPs a branch forked there would own."""
+    from .points import split_points
+    from .tree import _create, default_input_size
+
+    kwargs = _parse_kwargs(model_kwargs)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    m = _create(model, kwargs)
+    size = _int_list(input_size, "--input-size") or list(default_input_size(m))
+    points, params, flops = split_points(m, size, all_paths=all_paths)
+    click.echo(f"{model}: {_human(params)} parameters, {_human(flops)} FLOPs per image at {'x'.join(map(str, size))}")
+    click.echo(f"{'split point':<34} {'output shape':<22} {'branch params':>14} {'branch FLOPs':>13}")
+    feats = sum(p.feature for p in points)
+    for i, p in enumerate(points):
+        if i == 1 and feats:
+            click.echo("-- timm feature_info modules")
+        if i == 1 + feats:
+            click.echo("-- other module paths" + ("" if all_paths else " (--all for every one)"))
+        frac = f"{100 * p.branch_params / params:.0f}%" if params else "-"
+        click.echo(f"{p.name:<34} {p.shape:<22} {_human(p.branch_params):>8} {frac:>5} {_human(p.branch_flops):>13}")
+
+
+@main.command("split")
+@click.argument("model")
+@click.option("--at", "at", required=True, help="Split points in forward order, comma-separated (e.g. layer3,layer4; 'input' = independent instances).")
+@click.option("--heads", type=int, required=True, help="Number of heads (leaves of the tree).")
+@click.option("--fanout", default=None, metavar="F1,F2", help="Children per fork at each split point; product = heads. Default: balanced.")
+@click.option("--num-classes", type=int, default=None, help="Classifier size passed to timm.create_model.")
+@click.option("--no-rescale", is_flag=True, help="Leave out the gradient-rescaling op at the forks (the paper's ablation).")
+@click.option("--branch-init", type=click.Choice(["independent", "copy"]), default=None,
+              help="independent: each cloned copy gets its own timm init (default for random init); copy: exact copies.")
+@click.option("--pretrained", is_flag=True, help="Start from timm's pretrained weights (needs them downloadable or cached).")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Start from a local safetensors or timm checkpoint.")
+@click.option("--model-kwargs", multiple=True, metavar="K=V", help="Extra timm.create_model kwargs, e.g. drop_path_rate=0.1.")
+@click.option("--seed", type=int, default=None, help="Seed of the independent branch initialisation.")
+@click.option("--input-size", default=None, metavar="C,H,W", help="Probe input size for verification (default: the model's).")
+@click.option("-o", "--output", default=None, type=click.Path(file_okay=False), help="Output directory (default ./<model>-tree).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@_one_line_errors
+def split_cmd(model: str, at: str, heads: int, fanout: str | None, num_classes: int | None, no_rescale: bool,
+              branch_init: str | None, pretrained: bool, weights: str | None, model_kwargs: tuple[str, ...],
+              seed: int | None, input_size: str | None, output: str | None, overwrite: bool) -> None:
+    """Split MODEL into a tree of heads and write it to a directory (spec.json + tree.safetensors)."""
+    from .tree import split
+
+    if pretrained and weights:
+        raise HeadsurgeonError("--pretrained and --weights both give starting weights; use one of them")
+    kwargs = _parse_kwargs(model_kwargs)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if pretrained:
+        kwargs["pretrained"] = True
+    out = Path(output or f"{_safe_name(model)}-tree")
+    _check_output(out, overwrite)
+    tree = split(model, at=at, heads=heads, fanout=_int_list(fanout, "--fanout"), rescale=not no_rescale,
+                 branch_init=branch_init, weights=weights, seed=seed,
+                 input_size=_int_list(input_size, "--input-size"), **kwargs)
+    cost = tree.cost()
+    tree.save(out, overwrite=overwrite)
+    click.echo(f"{model} split at {','.join(tree.spec['at'])} into {tree.num_heads} heads "
+               f"(fan-out {','.join(map(str, tree.fanout))}, rescale {'on' if tree.rescale else 'off'}, "
+               f"branch init {tree.spec['branch_init']}); cut verified against the eager model")
+    click.echo(tree.describe())
+    click.echo(f"parameters: tree {_human(cost['tree_params'])} vs model {_human(cost['base_params'])} "
+               f"({cost['tree_params'] / max(cost['base_params'], 1):.2f}x); FLOPs per image: tree "
+               f"{_human(cost['tree_flops'])} vs model {_human(cost['base_flops'])} "
+               f"({cost['tree_flops'] / max(cost['base_flops'], 1):.2f}x)")
+    click.echo(f"wrote {out}")
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Fail before any work if the output cannot be written (the write itself is atomic)."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+        raise HeadsurgeonError(f"output '{out}' exists and is not an empty directory; pass --overwrite or choose another -o")
+
+
+@main.command("collapse")
+@click.argument("source", type=click.Path())
+@click.option("--head", type=int, default=None, help="Which head to keep (default 0 for a tree directory).")
+@click.option("-o", "--output", default=None, type=click.Path(file_okay=False), help="Output directory (default <SOURCE>-head<N>).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@_one_line_errors
+def collapse_cmd(source: str, head: int | None, output: str | None, overwrite: bool) -> None:
+    """Collapse one head of SOURCE (a tree directory) into the original timm architecture,
+    verify its logits against the tree and write it in timm/Hub format."""
+    from .collapse import collapse, export
+    from .tree import HeadTree
+
+    src = Path(source)
+    if not src.is_dir():
+        raise HeadsurgeonError(f"'{source}' is not a directory; give a tree directory written by `headsurgeon split`")
+    tree = HeadTree.load(src)
+    head = 0 if head is None else head
+    out = Path(output or f"{src.name}-head{head}")
+    _check_output(out, overwrite)
+    model = collapse(tree, head)
+    export(model, out, overwrite=overwrite)
+    click.echo(f"head {head} of {src} -> {tree.spec['architecture']} with {tree.spec['model_args']}; "
+               f"logits verified equal to the tree's and to the reloaded export")
+    click.echo(f"wrote {out} (config.json, model.safetensors); load it with:")
+    click.echo(f"  timm.create_model('local-dir:{out.resolve()}', pretrained=True)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
