@@ -132,7 +132,10 @@ def max_abs_diff(a: Any, b: Any) -> float:
             if x.shape != y.shape:
                 return float("inf")
             if x.numel():
-                worst = max(worst, (x.detach().double() - y.detach().double()).abs().max().item())
+                d = (x.detach().double() - y.detach().double()).abs().max().item()
+                if d != d:  # NaN anywhere: never "equal"
+                    return float("nan")
+                worst = max(worst, d)
         elif x != y:
             return float("inf")
     return worst

@@ -498,8 +498,8 @@ def split(model: str | nn.Module, at: Sequence[str] | str = (), heads: int = 1, 
     # Verify the cut chain against eager in both modes, and find segments that mutate inputs.
     mutated = [False] * len(protos)
     if verify:
-        whole = fx.GraphModule(m, traced.eval_graph)
-        check_against_eager(m, whole, [whole], example, "the traced eval graph", label)
+        whole = _segment(m, traced.train_graph, traced.eval_graph)
+        check_against_eager(m, whole, [whole], example, "the traced graph", label)
         check_against_eager(m, lambda x: _probe_chain(protos, x, mutated), protos, example, "the cut model", label)
     else:
         run_both_modes(lambda x: _probe_chain(protos, x, mutated), example, m, *protos)
