@@ -4,5 +4,6 @@ __version__ = "0.1.0"
 from .errors import HeadsurgeonError  # noqa: E402
 from .tree import HeadTree, split  # noqa: E402
 from .collapse import collapse, export  # noqa: E402
+from .loss import collaborative_loss  # noqa: E402
 
-__all__ = ["HeadTree", "HeadsurgeonError", "collapse", "export", "split", "__version__"]
+__all__ = ["HeadTree", "HeadsurgeonError", "collaborative_loss", "collapse", "export", "split", "__version__"]
