@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 import warnings
@@ -161,21 +162,41 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 
 @main.command("collapse")
-@click.argument("source", type=click.Path())
-@click.option("--head", type=int, default=None, help="Which head to keep (default 0 for a tree directory).")
+@click.argument("source", type=click.Path(), required=False)
+@click.option("--head", type=int, default=None, help="Which head to keep (default: a run's best head, or 0 for a tree directory).")
 @click.option("-o", "--output", default=None, type=click.Path(file_okay=False), help="Output directory (default <SOURCE>-head<N>).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @_one_line_errors
-def collapse_cmd(source: str, head: int | None, output: str | None, overwrite: bool) -> None:
-    """Collapse one head of SOURCE (a tree directory) into the original timm architecture,
-    verify its logits against the tree and write it in timm/Hub format."""
+def collapse_cmd(source: str | None, head: int | None, output: str | None, overwrite: bool) -> None:
+    """Collapse one head of SOURCE into the original timm architecture, verify its logits against
+    the tree and write it in timm/Hub format. SOURCE is a tree directory or a training run directory
+    (its best checkpoint and best head); without SOURCE, the most recent run under runs/."""
     from .collapse import collapse, export
     from .tree import HeadTree
 
+    if source is None:
+        from .train import RUNS, latest_run
+
+        found = latest_run(RUNS)
+        if found is None:
+            raise HeadsurgeonError(f"no training run under {RUNS}/; give a tree or run directory")
+        click.echo(f"using the most recent run: {found}")
+        source = str(found)
     src = Path(source)
     if not src.is_dir():
-        raise HeadsurgeonError(f"'{source}' is not a directory; give a tree directory written by `headsurgeon split`")
-    tree = HeadTree.load(src)
+        raise HeadsurgeonError(f"'{source}' is not a directory; give a tree directory written by `headsurgeon split` "
+                               f"or a run directory written by `headsurgeon train`")
+    tree_dir = src
+    if (src / "summary.json").is_file():  # a training run: its best checkpoint, its best head by validation
+        import json
+
+        summary = json.loads((src / "summary.json").read_text())
+        tree_dir = src / summary.get("best_dir", "best")
+        if head is None:
+            head = int(summary["best_head"])
+            click.echo(f"run {src}: best head {head} (val top-1 {summary['heads'][head]['val_top1']:.2f}%, "
+                       f"test top-1 {summary['heads'][head]['test_top1']:.2f}%, epoch {summary['best_epoch']})")
+    tree = HeadTree.load(tree_dir)
     head = 0 if head is None else head
     out = Path(output or f"{src.name}-head{head}")
     _check_output(out, overwrite)
@@ -185,6 +206,32 @@ def collapse_cmd(source: str, head: int | None, output: str | None, overwrite: b
                f"logits verified equal to the tree's and to the reloaded export")
     click.echo(f"wrote {out} (config.json, model.safetensors); load it with:")
     click.echo(f"  timm.create_model('local-dir:{out.resolve()}', pretrained=True)")
+
+
+@main.command("train")
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. --set data.batch_size=32 (repeatable).")
+@click.option("-o", "--output", default=None, type=click.Path(file_okay=False), help="Run directory (default: the recipe's output, else runs/<recipe>-<time>).")
+@click.option("--resume", is_flag=True, help="Continue the run in --output (default: the latest run of this recipe) from its last checkpoint.")
+@click.option("--stop-after", type=int, default=None, metavar="N", help="Stop cleanly after N epochs of this call (continue later with --resume).")
+@_one_line_errors
+def train_cmd(recipe: str | None, sets: tuple[str, ...], output: str | None, resume: bool, stop_after: int | None) -> None:
+    """Train a head tree with collaborative learning as RECIPE (YAML; default: the embedded digits
+    recipe) says. Under `torchrun --nproc_per_node N -m headsurgeon train ...` it trains with DDP."""
+    from . import recipe as R
+    from .train import train
+
+    flat, _ = R.load(recipe, sets)
+    name = Path(recipe).stem if recipe else "digits"
+    s = train(flat, name=name, output=output, resume=resume, stop_after=stop_after, log=click.echo)
+    if int(os.environ.get("RANK", "0")) == 0:
+        b = s["heads"][s["best_head"]]
+        state = "finished" if s["finished"] else f"stopped after epoch {s['epochs_done']}/{s['epochs']} (continue with --resume)"
+        click.echo(f"{state}: best head {s['best_head']} (epoch {s['best_epoch']}) val top-1 {b['val_top1']:.2f}%, "
+                   f"test top-1 {b['test_top1']:.2f}%; ensemble test top-1 {s['ensemble']['test_top1']:.2f}%; "
+                   f"{s['wall_time_s']:.0f}s")
+        click.echo(f"wrote {s['run']} (summary.json, metrics.jsonl, curves.png, best/, last/); "
+                   f"collapse the best head with: headsurgeon collapse {s['run']}")
 
 
 if __name__ == "__main__":  # pragma: no cover
