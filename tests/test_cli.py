@@ -1,0 +1,96 @@
+"""The CLI is a thin shell: the documented flow works and bad input gives one clear line."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from headsurgeon.cli import main
+from headsurgeon.trace import max_abs_diff
+
+
+def _run(*args, ok=True):
+    res = CliRunner().invoke(main, list(args))
+    if ok:
+        assert res.exit_code == 0, res.output
+    return res
+
+
+def test_split_collapse_local_dir_flow(tmp_path):
+    """The issue's acceptance flow: resnet50 split at layer3,layer4, head 2 collapsed and reloaded."""
+    t, out = tmp_path / "t", tmp_path / "out"
+    res = _run("split", "resnet50", "--at", "layer3,layer4", "--heads", "4", "--num-classes", "10", "-o", str(t))
+    assert "level 2: 4 x [layer4 -> output]" in res.output and "FLOPs" in res.output
+    res = _run("collapse", str(t), "--head", "2", "-o", str(out))
+    assert "local-dir:" in res.output
+    from headsurgeon import HeadTree
+
+    tree = HeadTree.load(t).eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        want = tree(x)[2]
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import sys, torch, timm\n"
+        f"m = timm.create_model('local-dir:{out}', pretrained=True).eval()\n"
+        "assert type(m).__name__ == 'ResNet' and m.num_classes == 10\n"
+        f"torch.save(m(torch.load('{tmp_path / 'x.pt'}')), '{tmp_path / 'y.pt'}')\n"
+        "assert 'headsurgeon' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert max_abs_diff(torch.load(tmp_path / "y.pt"), want) <= 1e-5
+
+
+def test_nodes_lists_feature_modules_first():
+    res = _run("nodes", "resnet18", "--input-size", "3,64,64")
+    lines = res.output.splitlines()
+    assert lines[0].startswith("resnet18:")
+    i = lines.index("-- timm feature_info modules")
+    assert [ln.split()[0] for ln in lines[i + 1:i + 6]] == ["act1", "layer1", "layer2", "layer3", "layer4"]
+    assert any(ln.startswith("layer3.1 ") for ln in lines)
+
+
+def test_split_options(tmp_path):
+    t = tmp_path / "t"
+    _run("split", "resnet18", "--at", "input", "--heads", "2", "--no-rescale", "--branch-init", "copy",
+         "--model-kwargs", "drop_path_rate=0.1", "--input-size", "3,32,32", "--seed", "3", "-o", str(t))
+    spec = json.loads((t / "spec.json").read_text())
+    assert spec["rescale"] is False and spec["branch_init"] == "copy" and spec["at"] == ["input"]
+    assert spec["model_args"]["drop_path_rate"] == 0.1
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["split", "resnet18", "--at", "layer5", "--heads", "2"], "unknown split point 'layer5'"),
+    (["split", "resnet18", "--at", "layer4,layer3", "--heads", "4"], "forward order"),
+    (["split", "resnet18", "--at", "layer3,layer4", "--heads", "4", "--fanout", "2,3"], "does not match"),
+    (["split", "nosuchnet", "--at", "layer3", "--heads", "2"], "unknown timm model"),
+    (["split", "resnet18", "--at", "layer3", "--heads", "2", "--model-kwargs", "oops"], "key=value"),
+    (["split", "resnet18", "--at", "layer3", "--heads", "2", "--weights", "/nonexistent.safetensors"], "does not exist"),
+    (["collapse", "/nonexistent-dir"], "not a directory"),
+])
+def test_bad_input_one_line_no_traceback_nothing_written(tmp_path, args, needle):
+    out = tmp_path / "o"
+    res = CliRunner().invoke(main, args + ["-o", str(out)])
+    assert res.exit_code != 0
+    msg = res.output.strip()
+    assert needle in msg and len(msg.splitlines()) == 1 and "Traceback" not in msg
+    assert not out.exists() and not any(tmp_path.iterdir())
+
+
+def test_collapse_bad_head_and_unreadable_tree(tmp_path):
+    t = tmp_path / "t"
+    _run("split", "resnet18", "--at", "layer4", "--heads", "2", "--input-size", "3,32,32", "-o", str(t))
+    res = _run("collapse", str(t), "--head", "5", "-o", str(tmp_path / "o"), ok=False)
+    assert res.exit_code != 0 and "head 5 does not exist" in res.output and not (tmp_path / "o").exists()
+    (tmp_path / "empty").mkdir()
+    res = _run("collapse", str(tmp_path / "empty"), ok=False)
+    assert res.exit_code != 0 and "not a head tree directory" in res.output
+
+
+def test_console_script_exit_code(tmp_path):
+    exe = [sys.executable, "-c", "from headsurgeon.cli import main; main()"]
+    proc = subprocess.run(exe + ["split", "resnet18", "--at", "layer9", "--heads", "2"], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.startswith("Error: unknown split point") and "Traceback" not in proc.stderr
