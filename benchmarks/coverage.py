@@ -147,12 +147,22 @@ def _done() -> dict[str, dict]:
     return out
 
 
+def _meta_params(name: str) -> float:
+    import timm
+
+    try:
+        return sum(p.numel() for p in timm.create_model(name, num_classes=10, device="meta").parameters())
+    except Exception:
+        return float("inf")
+
+
 def sweep(names: list[str], timeout: float, big: float, max_params: float) -> None:
     import timm
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     done = _done()
     todo = [n for n in names if n not in done]
+    todo.sort(key=_meta_params)  # smallest first: a partial sweep covers the most architectures
     print(f"{len(names)} models, {len(done)} already recorded, {len(todo)} to run", flush=True)
     proc = None
     with RESULTS.open("a") as log:
