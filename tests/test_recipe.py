@@ -1,0 +1,87 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from headsurgeon import HeadsurgeonError
+from headsurgeon import recipe as R
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def test_digits_recipe_is_the_embedded_default():
+    flat, _ = R.load(RECIPES / "digits.yaml")
+    assert flat == R.validate(R.defaults())
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    flat, _ = R.load(path)
+    assert flat["epochs"] >= 1
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_names_the_nearest(tmp_path):
+    with pytest.raises(HeadsurgeonError, match=r"unknown recipe key 'data.batchsize'; did you mean 'data.batch_size'"):
+        R.load(_write(tmp_path, "data: {batchsize: 8}\n"))
+    with pytest.raises(HeadsurgeonError, match=r"'epoch'; did you mean 'epochs'"):
+        R.load(_write(tmp_path, "epoch: 3\n"))
+    with pytest.raises(HeadsurgeonError, match=r"'optim.learning_rate'.*did you mean 'optim.lr'|'optim.learning_rate'"):
+        R.load(None, ["optim.learning_rate=0.1"])
+
+
+@pytest.mark.parametrize("text,match", [
+    ("epochs: two\n", r"'epochs' is 'two'; expected an integer >= 1"),
+    ("epochs: 0\n", r"'epochs' is 0; expected an integer >= 1"),
+    ("loss: {beta: 1.5}\n", r"'loss.beta' is 1.5; expected a number >= 0 and <= 1"),
+    ("loss: {temperature: 0}\n", r"'loss.temperature' is 0; expected a number > 0"),
+    ("data: {val_fraction: 0}\n", r"'data.val_fraction' is 0"),
+    ("data: {label_noise: 1.0}\n", r"'data.label_noise' is 1.0; expected a number >= 0 and < 1"),
+    ("amp: fp8\n", r"'amp' is 'fp8'; expected one of False, True, 'bf16', 'fp16'"),
+    ("split: {heads: true}\n", r"'split.heads' is True; expected an integer"),
+    ("data: 3\n", r"'data' must be a mapping"),
+    ("sched: {sched: cosin}\n", r"'sched.sched' is 'cosin'; expected one of 'cosine'"),
+    ("data: {scale: [0.5]}\n", r"'data.scale' is \[0.5\]; expected a list of 2 numbers"),
+    ("- a\n- b\n", r"must be a YAML mapping"),
+    ("data: {dataset: torch/cifar10}\n", r"needs 'data.root'"),
+    ("pretrained: true\nweights: w.safetensors\n", r"use one of them"),
+])
+def test_bad_values_name_key_and_allowed(tmp_path, text, match):
+    with pytest.raises(HeadsurgeonError, match=match):
+        R.load(_write(tmp_path, text))
+
+
+def test_set_overrides_and_types():
+    flat, given = R.load(None, ["data.batch_size=8", "split.at=layer2,layer4", "ema=true", "amp=true", "output=null"])
+    assert flat["data.batch_size"] == 8 and flat["split.at"] == ["layer2", "layer4"]
+    assert flat["ema"] == 0.9998 and flat["amp"] == "bf16" and flat["output"] is None
+    assert "data.batch_size" in given and "epochs" not in given
+    with pytest.raises(HeadsurgeonError, match="--set expects key=value"):
+        R.load(None, ["epochs"])
+
+
+def test_tree_excludes_model_and_split(tmp_path):
+    flat, _ = R.load(_write(tmp_path, "tree: some-tree\n"))
+    assert flat["tree"] == "some-tree"
+    with pytest.raises(HeadsurgeonError, match="'tree' already fixes the model and its split; remove split.heads"):
+        R.load(_write(tmp_path, "tree: t\nsplit: {heads: 2}\n"))
+
+
+def test_missing_and_malformed_recipe(tmp_path):
+    with pytest.raises(HeadsurgeonError, match="does not exist"):
+        R.load(tmp_path / "nope.yaml")
+    with pytest.raises(HeadsurgeonError, match="not valid YAML"):
+        R.load(_write(tmp_path, "a: [1, 2\n"))
+
+
+def test_round_trip_and_diff():
+    flat, _ = R.load(None, ["epochs=3"])
+    again = R.validate(R.flatten(yaml.safe_load(yaml.safe_dump(R.nest(flat))), "x"))
+    assert again == flat
+    other = dict(flat, epochs=4, output="elsewhere")
+    assert R.diff(flat, other) == ["epochs: 3 -> 4"]
