@@ -253,11 +253,13 @@ def _create(name: str, kwargs: dict[str, Any], pretrained: bool = False) -> nn.M
     except TypeError as e:
         raise HeadsurgeonError(f"cannot create '{name}' with {kwargs}: {e}") from None
     except (OSError, ValueError) as e:
-        what = "download or read the pretrained weights of" if pretrained else "create"
-        raise HeadsurgeonError(
-            f"cannot {what} '{name}': {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            + (" (offline? pass weights=FILE / --weights FILE with a local safetensors or timm checkpoint)" if pretrained else "")
-        ) from None
+        first = str(e).splitlines()[0].split(". ")[0][:200] if str(e).strip() else ""
+        if pretrained:
+            raise HeadsurgeonError(
+                f"cannot download or read the pretrained weights of '{name}' ({type(e).__name__}: {first}); "
+                f"offline? pass --weights FILE (weights=FILE) with a local safetensors or timm checkpoint"
+            ) from None
+        raise HeadsurgeonError(f"cannot create '{name}': {type(e).__name__}: {first}") from None
 
 
 def _classifier_keys(model: nn.Module) -> set[str]:
