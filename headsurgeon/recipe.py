@@ -39,7 +39,7 @@ def _f(default, types, help, **kw) -> Field:
 NUM = (int, float)
 SCHEMA: dict[str, Field] = {
     "model": _f("resnet10t", str, "timm model name", nullable=True),
-    "model_kwargs": _f({}, dict, "extra timm.create_model kwargs"),
+    "model_kwargs": _f({"channels": [32, 64, 128, 256], "stem_width": 16}, dict, "extra timm.create_model kwargs"),
     "pretrained": _f(False, bool, "start from timm's pretrained weights"),
     "weights": _f(None, str, "local safetensors / timm checkpoint to start from", nullable=True),
     "tree": _f(None, str, "a tree directory written by `headsurgeon split` (instead of model + split)", nullable=True),
@@ -48,7 +48,7 @@ SCHEMA: dict[str, Field] = {
     "split.fanout": _f(None, list, "children per fork at each split point", nullable=True),
     "split.rescale": _f(True, bool, "gradient rescaling at forks"),
     "split.branch_init": _f(None, str, "branch initialisation", choices=("independent", "copy"), nullable=True),
-    "data.dataset": _f("digits", str, "'digits', an ImageFolder/'' with root, torch/cifar10, torch/cifar100, hfds/..."),
+    "data.dataset": _f("digits", str, "'digits', 'folder' (ImageFolder or tar at data.root), torch/cifar10, torch/cifar100, hfds/..."),
     "data.root": _f(None, str, "dataset folder", nullable=True),
     "data.download": _f(False, bool, "let torchvision/HF datasets download"),
     "data.train_split": _f("train", str, "split to train on (validation is carved from it)"),
@@ -87,7 +87,7 @@ SCHEMA: dict[str, Field] = {
     "sched.decay_milestones": _f([30, 60], list, "multistep epochs"),
     "sched.decay_rate": _f(0.1, NUM, "step/multistep factor", lo=0, lo_open=True),
     "sched.step_on_epochs": _f(True, bool, "step the lr per epoch (False: per update)"),
-    "epochs": _f(15, int, "training epochs", lo=1),
+    "epochs": _f(20, int, "training epochs", lo=1),
     "amp": _f(False, (bool, str), "mixed precision on CUDA", choices=(False, True, "bf16", "fp16")),
     "ema": _f(False, (bool, float), "EMA of weights: false, true (0.9998) or a decay", lo=0, hi=1),
     "channels_last": _f(False, bool, "channels_last memory format"),

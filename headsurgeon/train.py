@@ -298,9 +298,10 @@ class _Run:
                 self._log_epoch(row, r["epochs"])
             if self.distributed:
                 torch.distributed.barrier()
+        summary = self._summary(history, best, finished=len(history) == r["epochs"], wall=time.time() - t0)
         if self.primary and history:
             self._plot(history)
-        summary = self._summary(history, best, finished=len(history) == r["epochs"], wall=time.time() - t0)
+            _write_json(self.out / "summary.json", summary)
         if self.distributed:
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
