@@ -24,10 +24,8 @@ TINY = ["model=resnet10t", "model_kwargs={channels: [8, 16, 32, 64], stem_width:
         "sched.warmup_epochs=0", "optim.lr=0.05"]
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
+def make_folder(root: Path) -> Path:
     """3 classes of 12x12 images (a bright quadrant per class, plus noise): train 16/class, validation 6/class."""
-    root = tmp_path_factory.mktemp("imgs")
     rng = np.random.default_rng(0)
     for split_, n in (("train", 16), ("validation", 6)):
         for c in range(3):
@@ -38,6 +36,11 @@ def folder(tmp_path_factory) -> Path:
                 a[(c // 2) * 6:(c // 2) * 6 + 6, (c % 2) * 6:(c % 2) * 6 + 6] += 160
                 Image.fromarray(a).save(d / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("imgs"))
 
 
 def _recipe(folder, *extra):
