@@ -244,6 +244,8 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> tuple
             raise HeadsurgeonError(f"recipe '{path}' is not valid YAML: {' '.join(str(e).split())[:200]}") from None
         given.update(flatten(data, str(path)))
     given.update(parse_set(overrides))
+    if "model" in given and "model_kwargs" not in given:
+        given["model_kwargs"] = {}  # the default kwargs belong to the default (digits) model
     flat.update(given)
     where = str(path) if path is not None else "recipe"
     if given.get("tree") is not None:

@@ -85,3 +85,15 @@ def test_round_trip_and_diff():
     assert again == flat
     other = dict(flat, epochs=4, output="elsewhere")
     assert R.diff(flat, other) == ["epochs: 3 -> 4"]
+
+
+def test_paper_variants_map_to_trees():
+    want = {"cifar10-single": ([], 1, 0.0), "cifar10-label-smoothing": ([], 1, 0.05),
+            "cifar10-2-instances": (["input"], 2, 0.0), "cifar10-4-instances": (["input"], 4, 0.0),
+            "cifar10-2-heads": (["layer3"], 2, 0.0), "cifar10-4-heads-hierarchical": (["layer3", "layer4"], 4, 0.0)}
+    for name, (at, heads, ls) in want.items():
+        flat, _ = R.load(RECIPES / f"{name}.yaml")
+        assert (flat["split.at"], flat["split.heads"], flat["loss.label_smoothing"]) == (at, heads, ls), name
+        assert flat["model"] == "resnet18" and flat["model_kwargs"] == {} and flat["data.dataset"] == "torch/cifar10"
+    flat, _ = R.load(RECIPES / "imagenet-resnet50-4heads.yaml")
+    assert (flat["model"], flat["split.at"], flat["split.heads"]) == ("resnet50", ["layer3", "layer4"], 4)
