@@ -84,7 +84,8 @@ def run_one(name: str, big: float) -> dict:
 
     t0 = time.time()
     model, size, n_params = _small_model(name)
-    feats = [f["module"] for f in getattr(model, "feature_info", None) or [] if isinstance(f, dict)]
+    # distinct names: CoaT's fused parallel blocks name one module for several stages
+    feats = list(dict.fromkeys(f["module"] for f in getattr(model, "feature_info", None) or [] if isinstance(f, dict)))
     large = n_params > big
     at = feats[-1:] if large else feats[-2:]
     if not at:
@@ -156,11 +157,14 @@ def _meta_params(name: str) -> float:
         return float("inf")
 
 
-def sweep(names: list[str], timeout: float, big: float, max_params: float) -> None:
+def sweep(names: list[str], timeout: float, big: float, max_params: float, retry_failed: bool = False) -> None:
     import timm
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     done = _done()
+    if retry_failed:
+        done = {k: v for k, v in done.items() if v["status"] != "fail"}
+        RESULTS.write_text("".join(json.dumps(v) + "\n" for v in done.values()))
     todo = [n for n in names if n not in done]
     todo.sort(key=_meta_params)  # smallest first: a partial sweep covers the most architectures
     print(f"{len(names)} models, {len(done)} already recorded, {len(todo)} to run", flush=True)
@@ -273,6 +277,7 @@ def main() -> None:
     ap.add_argument("--big", type=float, default=300e6, help="parameters above which 2 heads / 1 split are used")
     ap.add_argument("--max-params", type=float, default=1.2e9, help="parameters above which a model is skipped")
     ap.add_argument("--report", action="store_true", help="only rewrite docs/coverage.md")
+    ap.add_argument("--retry-failed", action="store_true", help="run recorded failures again")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -282,7 +287,7 @@ def main() -> None:
 
     names = timm.list_models(args.filter)
     if not args.report:
-        sweep(names, args.timeout, args.big, args.max_params)
+        sweep(names, args.timeout, args.big, args.max_params, args.retry_failed)
     report(timm.list_models())
 
 
