@@ -243,16 +243,26 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> tuple
         except yaml.YAMLError as e:
             raise HeadsurgeonError(f"recipe '{path}' is not valid YAML: {' '.join(str(e).split())[:200]}") from None
         given.update(flatten(data, str(path)))
-    given.update(parse_set(overrides))
+    _check_tree(given, str(path) if path is not None else "recipe")
+    sets = parse_set(overrides)
+    _check_tree(sets, "--set")
+    if sets.get("tree") is not None:  # a tree from the command line replaces the file's model and split
+        given = {k: v for k, v in given.items() if not _fixed_by_tree(k)}
+    given.update(sets)
     if "model" in given and "model_kwargs" not in given:
         given["model_kwargs"] = {}  # the default kwargs belong to the default (digits) model
     flat.update(given)
-    where = str(path) if path is not None else "recipe"
-    if given.get("tree") is not None:
-        clash = [k for k in given if k == "model" or k.startswith("split.") or k in ("model_kwargs", "pretrained", "weights")]
-        if clash:
-            raise HeadsurgeonError(f"{where}: 'tree' already fixes the model and its split; remove {', '.join(clash)}")
-    return validate(flat, where), set(given)
+    return validate(flat, str(path) if path is not None else "recipe"), set(given)
+
+
+def _fixed_by_tree(key: str) -> bool:
+    return key in ("model", "model_kwargs", "pretrained", "weights") or key.startswith("split.")
+
+
+def _check_tree(layer: dict[str, Any], where: str) -> None:
+    clash = [k for k in layer if _fixed_by_tree(k)] if layer.get("tree") is not None else []
+    if clash:
+        raise HeadsurgeonError(f"{where}: 'tree' already fixes the model and its split; remove {', '.join(clash)}")
 
 
 def diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

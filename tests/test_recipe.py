@@ -70,6 +70,9 @@ def test_tree_excludes_model_and_split(tmp_path):
     assert flat["tree"] == "some-tree"
     with pytest.raises(HeadsurgeonError, match="'tree' already fixes the model and its split; remove split.heads"):
         R.load(_write(tmp_path, "tree: t\nsplit: {heads: 2}\n"))
+    # a tree given on the command line replaces the file's model and split
+    flat, _ = R.load(RECIPES / "cifar10-2-heads.yaml", ["tree=t"])
+    assert flat["tree"] == "t" and flat["model_kwargs"] == R.defaults()["model_kwargs"]
 
 
 def test_missing_and_malformed_recipe(tmp_path):
