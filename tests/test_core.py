@@ -352,3 +352,25 @@ def test_split_points_report_costs():
     own = sum(p.numel() for p in tree.levels[1][0].parameters())
     assert by["layer3"].branch_params == own
     assert by["input"].branch_params == params and 0 < by["layer3"].branch_flops < flops
+
+
+def test_torch_compile_whole_tree_train_and_eval():
+    """The fork ops live inside one dynamo graph: no graph breaks, same outputs and gradients."""
+    import torch._dynamo
+
+    tree = hs.split("resnet10t", at=["layer3", "layer4"], heads=4, num_classes=5, seed=0, input_size=SIZE)
+    x, y = _x(), torch.randint(0, 5, (4,))
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(tree)(x).graph_break_count == 0
+    ref = tree(x)
+    sum(F.cross_entropy(z, y) for z in ref).backward()
+    want = [p.grad.clone() for p in tree.parameters()]
+    tree.zero_grad()
+    compiled = torch.compile(tree, backend="aot_eager")
+    outs = compiled(x)
+    sum(F.cross_entropy(z, y) for z in outs).backward()
+    assert all(max_abs_diff(a, b) <= 1e-5 for a, b in zip(ref, outs))
+    assert all(max_abs_diff(p.grad, g) <= 1e-5 for p, g in zip(tree.parameters(), want))
+    tree.eval()
+    with torch.no_grad():
+        assert all(max_abs_diff(a, b) <= 1e-5 for a, b in zip(compiled(x), tree(x)))
