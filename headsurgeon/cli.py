@@ -201,11 +201,57 @@ def collapse_cmd(source: str | None, head: int | None, output: str | None, overw
     out = Path(output or f"{src.name}-head{head}")
     _check_output(out, overwrite)
     model = collapse(tree, head)
-    export(model, out, overwrite=overwrite)
+    from .card import card_writer, read_run
+
+    run, recipe = read_run(src)  # both None for a tree directory: the card then has no accuracies
+    labels = (run or {}).get("label_names")
+    export(model, out, label_names=labels, overwrite=overwrite,
+           card=card_writer(tree.spec, head, summary=run, recipe=recipe, label_names=labels,
+                            num_params=sum(p.numel() for p in model.parameters())))
     click.echo(f"head {head} of {src} -> {tree.spec['architecture']} with {tree.spec['model_args']}; "
                f"logits verified equal to the tree's and to the reloaded export")
-    click.echo(f"wrote {out} (config.json, model.safetensors); load it with:")
+    click.echo(f"wrote {out} (config.json, model.safetensors, README.md model card); load it with:")
     click.echo(f"  timm.create_model('local-dir:{out.resolve()}', pretrained=True)")
+
+
+@main.command("push")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--repo", "repo_id", required=True, metavar="NAMESPACE/NAME", help="Hub model repo to create or update, e.g. your-user/resnet18-cl.")
+@click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
+@click.option("--revision", default=None, metavar="BRANCH", help="Branch to commit to (created from main if missing; default main).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
+@click.option("--commit-message", default=None, help="Commit message (default: 'Upload model collapsed by headsurgeon').")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded and show the card; contact nothing.")
+@click.option("--force", is_flag=True, help="Push a folder that is not a verified `headsurgeon collapse` output.")
+@_one_line_errors
+def push_cmd(folder: str, repo_id: str, private: bool, revision: str | None, create_pr: bool,
+             commit_message: str | None, dry_run: bool, force: bool) -> None:
+    """Upload FOLDER (written by `headsurgeon collapse`: config.json, model.safetensors, README.md)
+    to the Hugging Face Hub as model repo --repo. The token comes from HF_TOKEN or `hf auth login`
+    and is never printed; the card's usage code is filled in with the repo id."""
+    from .hub import describe, plan, push
+
+    p = plan(folder, repo_id, force=force)
+    if not p.verified:
+        click.secho(f"warning: pushing an unverified folder because of --force ({p.problem})", fg="yellow", err=True)
+    if dry_run:
+        click.echo(f"dry run: nothing is uploaded. `headsurgeon push` would send to {repo_id}"
+                   f" ({'private' if private else 'public'} if created; "
+                   f"{'a pull request against main' if create_pr else 'branch ' + (revision or 'main')}):")
+        click.echo(describe(p))
+        click.echo(f"commit message: {commit_message or 'Upload model collapsed by headsurgeon'}")
+        from huggingface_hub import get_token
+
+        click.echo("token: " + ("found (not shown)" if get_token() else "none found; set HF_TOKEN or run `hf auth login`"))
+        click.echo(f"--- {p.folder / 'README.md'} as it would read on the Hub ---" if p.card else "--- no model card ---")
+        if p.card:
+            click.echo(p.card, nl=False)
+        return
+    done = push(p, private=private, revision=revision, create_pr=create_pr, commit_message=commit_message,
+                log=click.echo)
+    click.echo(f"pushed to {done.repo_url}" + (f": pull request {done.pr_url}" if done.pr_url else "")
+               + f" (commit {done.commit_url})")
+    click.echo(f'load it with: timm.create_model("hf-hub:{repo_id}", pretrained=True)')
 
 
 @main.command("train")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import timm
 import torch
@@ -64,12 +64,14 @@ def collapse(tree: HeadTree, head: int, probe: torch.Tensor | None = None, atol:
 
 
 def export(model: nn.Module, directory: str | os.PathLike, label_names: Sequence[str] | None = None,
-           overwrite: bool = False, verify: bool = True) -> Path:
+           overwrite: bool = False, verify: bool = True,
+           card: str | Callable[[Path], str] | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` with timm's ``save_for_hf``.
 
     ``timm.create_model('local-dir:DIR', pretrained=True)`` rebuilds the model in a process that
     never imports headsurgeon; that reload is checked against ``model`` before the directory
-    appears (it is written atomically).
+    appears (it is written atomically). ``card`` is the model card (``README.md``): its text, or a
+    function of the written, verified directory that returns it (see ``headsurgeon.card``).
     """
     from timm.models import save_for_hf
 
@@ -79,6 +81,8 @@ def export(model: nn.Module, directory: str | os.PathLike, label_names: Sequence
         save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True)
         if verify:
             _check_reload(model, tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card(tmp) if callable(card) else card, encoding="utf-8")
     return directory
 
 

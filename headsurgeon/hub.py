@@ -1,0 +1,228 @@
+"""Push a collapsed model folder to the Hugging Face Hub with huggingface_hub.
+
+``create_repo(exist_ok=True)`` then ``upload_folder`` (huggingface_hub picks the regular, LFS or
+Xet transfer per file). Before any network call the folder is checked to be what ``collapse``
+wrote (its card's sha256 of ``config.json`` and ``model.safetensors`` still match), unless forced.
+The token comes from ``huggingface_hub.get_token()`` (``HF_TOKEN`` or the saved login) and is only
+ever handed to huggingface_hub: it is never printed, logged or written, and it is scrubbed from
+any error text. Every failure is a one-line :class:`HeadsurgeonError`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .card import CARD_FILE, MARKER, VERIFIED_FILES, for_repo, read_front_matter, sha256_file
+from .errors import HeadsurgeonError
+
+DEFAULT_MESSAGE = "Upload model collapsed by headsurgeon"
+
+
+@dataclass
+class Plan:
+    """What a push would upload: files (relative posix paths), their sizes, the card as it will read."""
+
+    folder: Path
+    repo_id: str
+    files: list[str]
+    sizes: dict[str, int]
+    card: str | None
+    verified: bool
+    problem: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def check_repo_id(repo_id: str) -> None:
+    """``namespace/name`` with the Hub's characters; the namespace is required so the card and
+    ``hf-hub:`` names are complete."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise HeadsurgeonError(f"invalid repo id '{repo_id}': {str(e).splitlines()[0]}") from None
+    if "/" not in repo_id:
+        raise HeadsurgeonError(f"invalid repo id '{repo_id}': give it as NAMESPACE/NAME (e.g. your-user/{repo_id})")
+
+
+def _list_files(folder: Path) -> list[str]:
+    """Every regular file under ``folder`` except hidden ones (``.git``, ``.cache``, editor files)."""
+    out = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+            out.append(rel.as_posix())
+    return out
+
+
+def verify(folder: Path) -> str | None:
+    """None if ``folder`` is exactly what ``collapse`` wrote, else the reason it is not."""
+    card_path = folder / CARD_FILE
+    if not card_path.is_file():
+        return f"it has no {CARD_FILE} model card"
+    meta = read_front_matter(card_path.read_text(encoding="utf-8", errors="replace"))
+    block = (meta or {}).get(MARKER)
+    if not isinstance(block, dict) or not isinstance(block.get("files"), dict):
+        return f"its {CARD_FILE} has no '{MARKER}' block in the front matter"
+    for name in VERIFIED_FILES:
+        want = block["files"].get(name)
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+        if not want or sha256_file(folder / name) != want:
+            return f"{name} differs from the file `headsurgeon collapse` wrote (sha256 mismatch)"
+    try:
+        arch = json.loads((folder / "config.json").read_text()).get("architecture")
+    except (json.JSONDecodeError, AttributeError):
+        return "config.json is not a timm config"
+    if arch != block.get("architecture"):
+        return f"config.json names '{arch}' but the card '{block.get('architecture')}'"
+    return None
+
+
+def plan(folder: str | os.PathLike, repo_id: str, force: bool = False) -> Plan:
+    """Check the repo id and the folder; raises unless the folder is verified or ``force``."""
+    check_repo_id(repo_id)
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise HeadsurgeonError(f"'{folder}' is not a directory; give the output of `headsurgeon collapse`")
+    files = _list_files(folder)
+    if not files:
+        raise HeadsurgeonError(f"'{folder}' is empty; nothing to push")
+    problem = verify(folder)
+    if problem and not force:
+        raise HeadsurgeonError(f"'{folder}' is not a verified `headsurgeon collapse` output ({problem}); "
+                               f"collapse again, or pass --force to push it anyway")
+    card = None
+    if (folder / CARD_FILE).is_file():
+        card = for_repo((folder / CARD_FILE).read_text(encoding="utf-8"), repo_id)
+    sizes = {f: (folder / f).stat().st_size for f in files}
+    return Plan(folder, repo_id, files, sizes, card, verified=problem is None, problem=problem)
+
+
+def _stage(p: Plan, into: Path) -> Path:
+    """A copy of the folder (hard links where possible) with the card naming the repo."""
+    stage = into / "upload"
+    for rel in p.files:
+        src, dst = p.folder / rel, stage / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if rel == CARD_FILE and p.card is not None:
+            dst.write_bytes(p.card.encode("utf-8"))
+            continue
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    return stage
+
+
+@dataclass
+class Pushed:
+    repo_url: str
+    commit_url: str
+    pr_url: str | None
+
+
+def push(p: Plan, *, private: bool = False, revision: str | None = None, create_pr: bool = False,
+         commit_message: str | None = None, log: Callable[[str], None] = print) -> Pushed:
+    """Create the repo if needed and upload the planned files in one commit."""
+    from huggingface_hub import HfApi, constants, get_token
+
+    if create_pr and revision not in (None, constants.DEFAULT_REVISION):
+        raise HeadsurgeonError("--create-pr opens a pull request against main; leave out --revision")
+    token = get_token()
+    if not token:
+        raise HeadsurgeonError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access)")
+    api = HfApi()
+    with _scrubbed(token, api.endpoint, p.repo_id, revision):
+        url = api.create_repo(p.repo_id, token=token, private=private, exist_ok=True)
+        repo_id = getattr(url, "repo_id", None) or p.repo_id
+        if revision and revision != constants.DEFAULT_REVISION:
+            api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="headsurgeon-push-") as tmp:
+            stage = _stage(p, Path(tmp))
+            log(f"uploading {len(p.files)} files ({_size(sum(p.sizes.values()))}) to {repo_id}")
+            info = api.upload_folder(repo_id=repo_id, folder_path=stage, token=token, revision=revision,
+                                     create_pr=create_pr, commit_message=commit_message or DEFAULT_MESSAGE,
+                                     allow_patterns=p.files)
+    return Pushed(str(url), str(info.commit_url), getattr(info, "pr_url", None))
+
+
+class _scrubbed:
+    """Turn huggingface_hub / transport failures into one line without the token."""
+
+    def __init__(self, token: str, endpoint: str, repo_id: str, revision: str | None):
+        self.token, self.endpoint, self.repo_id, self.revision = token, endpoint, repo_id, revision
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or isinstance(exc, (HeadsurgeonError, KeyboardInterrupt)):
+            return False
+        message = _explain(exc, self.endpoint, self.repo_id, self.revision)
+        if message is None:  # not foreseen: still one line, still without the token
+            message = f"push to '{self.repo_id}' failed: {type(exc).__name__}: {_first_line(exc)}"
+        raise HeadsurgeonError(message.replace(self.token, "***")) from None
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    out: list[type[BaseException]] = [OSError]
+    for mod in ("httpx2", "httpx"):
+        try:
+            out.append(__import__(mod).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(out)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def _explain(exc: BaseException, endpoint: str, repo_id: str, revision: str | None) -> str | None:
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import HFValidationError
+
+    if isinstance(exc, HFValidationError):
+        return f"invalid repo id '{repo_id}': {_first_line(exc)}"
+    if isinstance(exc, HfHubHTTPError):
+        response = getattr(exc, "response", None)
+        status = getattr(response, "status_code", None)
+        server = getattr(exc, "server_message", None) or ""
+        server = f" ({' '.join(server.split())[:160]})" if server else ""
+        if status == 401:
+            return (f"the Hub at {endpoint} rejected the token (401 Unauthorized){server}; "
+                    f"set HF_TOKEN to a valid token or run `hf auth login`")
+        if status == 403:
+            return (f"the token may not write to '{repo_id}' (403 Forbidden){server}; it needs write access to the "
+                    f"'{repo_id.split('/')[0]}' namespace")
+        if isinstance(exc, RevisionNotFoundError):
+            return f"revision '{revision}' does not exist in '{repo_id}'{server}"
+        if isinstance(exc, RepositoryNotFoundError):
+            return f"repository '{repo_id}' was not found on {endpoint} and could not be created{server}"
+        return f"the Hub at {endpoint} answered {status or 'an error'}: {_first_line(exc)}"
+    if isinstance(exc, _transport_errors()):
+        return f"cannot reach the Hub at {endpoint}: {_first_line(exc)} ({type(exc).__name__})"
+    return None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def describe(p: Plan) -> str:
+    """The dry-run listing (no card)."""
+    width = max(len(f) for f in p.files)
+    rows = [f"  {f:<{width}}  {_size(p.sizes[f]):>9}" for f in p.files]
+    state = "verified collapse output" if p.verified else f"NOT verified ({p.problem}); pushed because of --force"
+    return "\n".join([f"{len(p.files)} files ({_size(sum(p.sizes.values()))}) from {p.folder} [{state}]:", *rows])
