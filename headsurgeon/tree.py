@@ -115,6 +115,11 @@ class HeadTree(nn.Module):
             sd.update(seg.state_dict())
         return sd
 
+    @property
+    def has_unused_parameters(self) -> bool:
+        """True when the model registers weights its forward never reads (DDP must be told)."""
+        return bool(self.spec.get("unused"))
+
     def no_weight_decay(self) -> set[str]:
         """Tree names of the source model's no-weight-decay parameters (read by timm's optimizer)."""
         base = set(self.spec.get("no_weight_decay", []))
@@ -403,7 +408,7 @@ def _tensor_owner(seg: nn.Module) -> dict[int, torch.Tensor]:
     return {id(t): t for t in [*seg.parameters(), *seg.buffers()]}
 
 
-def _fix_keys(segs: list[fx.GraphModule], model: nn.Module) -> None:
+def _fix_keys(segs: list[fx.GraphModule], model: nn.Module) -> list[str]:
     """Keep trace-time constants out of the weights and unused weights in the trunk.
 
     fx stores tensor constants as ``_tensor_constantN`` buffers (extra keys that would break a
@@ -418,13 +423,14 @@ def _fix_keys(segs: list[fx.GraphModule], model: nn.Module) -> None:
                 parent, _, leaf = key.rpartition(".")
                 seg.get_submodule(parent).register_buffer(leaf, buf, persistent=False)
     seen = set().union(*(seg.state_dict().keys() for seg in segs))
-    for key in own:
-        if key not in seen:
-            _copy_attr(model, segs[0], key)
+    unused = [key for key in own if key not in seen]
+    for key in unused:
+        _copy_attr(model, segs[0], key)
     got = [set(s.state_dict()) for s in segs]
     union = set().union(*got)
     if union != set(own):
         raise HeadsurgeonError(f"internal: segment keys {sorted(union ^ set(own))[:5]} do not match the model")
+    return unused
 
 
 def _probe_chain(segs: list[nn.Module], x: torch.Tensor, mutated: list[bool]) -> Any:
@@ -495,7 +501,7 @@ def split(model: str | nn.Module, at: Sequence[str] | str = (), heads: int = 1, 
             raise HeadsurgeonError(f"{label} passes different values across '{at[s - 1]}' in train and eval mode; "
                                    f"choose another split point or create the model with drop rates of 0")
     protos = [_segment(m, tg, eg) for tg, eg in zip(tgs, egs)]
-    _fix_keys(protos, m)
+    unused = _fix_keys(protos, m)
 
     # Verify the cut chain against eager in both modes, and find segments that mutate inputs.
     mutated = [False] * len(protos)
@@ -543,6 +549,7 @@ def split(model: str | nn.Module, at: Sequence[str] | str = (), heads: int = 1, 
         "model_args": args,
         "pretrained_cfg": _json_safe(dict(getattr(m, "pretrained_cfg", {}) or {})),
         "no_weight_decay": sorted(_no_weight_decay(m)),
+        "unused": unused,  # weights no node reads: kept in the trunk for the strict reload
         "at": at,
         "heads": heads,
         "fanout": fanout,
