@@ -122,6 +122,8 @@ def build_card(spec: Mapping[str, Any], head: int, *, summary: Mapping[str, Any]
     num_classes = (summary or {}).get("num_classes") or model_args.get("num_classes") \
         or (spec.get("pretrained_cfg") or {}).get("num_classes")
     size = spec.get("input_size")
+    if r.get("data.img_size"):  # a run: the size it was trained and evaluated at
+        size = [(size or [3])[0], r["data.img_size"], r["data.img_size"]]
     dataset = r.get("data.dataset")
     hub_ds = hub_dataset(dataset)
     license_ = "apache-2.0"

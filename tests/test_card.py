@@ -1,0 +1,117 @@
+"""The model card `headsurgeon collapse` writes: front matter for the Hub and timm, the run's story, the marker."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+import yaml
+from click.testing import CliRunner
+
+import headsurgeon as hs
+from headsurgeon.card import (REPO_PLACEHOLDER, build_card, for_repo, hub_dataset, read_front_matter, sha256_file)
+from headsurgeon.cli import main
+from headsurgeon.hub import verify
+
+SUMMARY = {"run": "runs/x", "finished": True, "epochs_done": 6, "epochs": 6, "best_epoch": 5, "best_head": 1,
+           "heads": [{"index": 0, "val_top1": 81.25, "test_top1": 80.0}, {"index": 1, "val_top1": 87.5, "test_top1": 84.1}],
+           "ensemble": {"val_top1": 88.0, "test_top1": 85.3}, "weights": "model", "best_dir": "best",
+           "num_classes": 3, "samples": {"train": 90, "val": 10, "test": 30}, "label_names": ["zero", "one", "two"]}
+RECIPE = {"model": "test_resnet", "split": {"at": ["layer4"], "heads": 2, "rescale": True},
+          "data": {"dataset": "torch/cifar10", "img_size": 32, "label_noise": 0.3, "noise_seed": 7, "batch_size": 16},
+          "loss": {"beta": 0.4, "temperature": 3.0, "t2": False},
+          "optim": {"opt": "sgd", "lr": 0.05}, "sched": {"sched": "cosine"}, "epochs": 6, "seed": 11}
+
+
+@pytest.fixture(scope="module")
+def tree_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("card")
+    tree = hs.split("test_resnet", at=["layer4"], heads=2, num_classes=3, input_size=[3, 32, 32], seed=2)
+    tree.save(d / "tree")
+    run = d / "run"
+    tree.save(run / "best")
+    (run / "summary.json").write_text(json.dumps(SUMMARY))
+    (run / "recipe.yaml").write_text(yaml.safe_dump(RECIPE))
+    return d
+
+
+def _collapse(*args: str):
+    r = CliRunner().invoke(main, ["collapse", *args])
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def test_collapse_of_a_tree_writes_a_card_without_accuracies(tree_dir):
+    out = tree_dir / "from-tree"
+    r = _collapse(str(tree_dir / "tree"), "--head", "1", "-o", str(out))
+    assert "README.md" in r.output
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    card = (out / "README.md").read_text()
+    meta = read_front_matter(card)
+    assert meta["library_name"] == "timm" and meta["pipeline_tag"] == "image-classification"
+    assert meta["license"] == "apache-2.0" and {"timm", "image-classification"} <= set(meta["tags"])
+    assert "datasets" not in meta  # nothing is known about the data
+    block = meta["headsurgeon"]
+    assert block["head"] == 1 and block["trained"] is False and block["architecture"] == "test_resnet"
+    assert block["files"] == {n: sha256_file(out / n) for n in ("config.json", "model.safetensors")}
+    assert "## Results" not in card and "no accuracy is known" in card
+    assert f'timm.create_model("hf-hub:{REPO_PLACEHOLDER}", pretrained=True)' in card
+    assert "split at `layer4`" in card and "fan-out 2" in card
+    assert verify(out) is None
+    # the card does not disturb timm: the folder still loads, with the exported weights
+    m = timm.create_model(f"local-dir:{out}", pretrained=True)
+    tree = hs.HeadTree.load(tree_dir / "tree")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m.eval()(x), tree.eval()(x)[1])
+
+
+def test_collapse_of_a_run_tells_how_it_was_made(tree_dir):
+    out = tree_dir / "from-run"
+    r = _collapse(str(tree_dir / "run"), "-o", str(out))
+    assert "best head 1" in r.output
+    card = (out / "README.md").read_text()
+    meta = read_front_matter(card)
+    assert meta["datasets"] == ["uoft-cs/cifar10"] and meta["headsurgeon"]["trained"] is True
+    assert json.loads((out / "config.json").read_text())["label_names"] == ["zero", "one", "two"]
+    for text in ("β = 0.4", "T = 3.0", "label noise 0.3 (seed 7)", "6 epochs", "seed 11", "`torch/cifar10`",
+                 "| **1 (this model)** | 87.50% | 84.10% |", "| 0 | 81.25% | 80.00% |", "88.00% | 85.30% |",
+                 "best epoch (5 of 6)", "highest validation top-1", "test accuracy played no part",
+                 "Classes:** 3 (`zero`, `one`, `two`)", "Input size:** 3x32x32", "torch ", "timm "):
+        assert text in card, text
+    assert yaml.safe_load(card.split("```yaml\n", 1)[1].split("```", 1)[0]) == RECIPE  # the full recipe, verbatim
+    assert verify(out) is None
+
+
+def test_a_head_picked_by_hand_says_so(tree_dir):
+    out = tree_dir / "head0"
+    _collapse(str(tree_dir / "run"), "--head", "0", "-o", str(out))
+    card = (out / "README.md").read_text()
+    assert "| **0 (this model)** |" in card and "chosen by hand (`--head 0`)" in card and "best head by validation is 1" in card
+
+
+def test_verify_notices_edits_to_what_matters_only(tree_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(tree_dir / "from-tree", out)
+    (out / "README.md").write_text((out / "README.md").read_text().replace("## Usage", "## Usage\n\nEdited prose."))
+    assert verify(out) is None  # the prose is free to edit
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "num_classes": 4}))
+    assert "config.json differs" in verify(out)
+    (out / "README.md").write_text("# no front matter\n")
+    assert "no 'headsurgeon' block" in verify(out)
+
+
+def test_card_helpers():
+    assert read_front_matter("---\na: 1\n---\nbody") == {"a": 1}
+    assert read_front_matter("no front matter") is None and read_front_matter("---\n[: x\n---\n") is None
+    assert for_repo(f"x hf-hub:{REPO_PLACEHOLDER} y", "me/m") == "x hf-hub:me/m y"
+    assert hub_dataset("hfds/ns/data") == "ns/data" and hub_dataset("digits") is None and hub_dataset(None) is None
+    spec = {"architecture": "resnet18", "model_args": {"num_classes": 10}, "at": ["input"], "heads": 3,
+            "fanout": [3], "rescale": False, "branch_init": "independent", "seed": 0, "input_size": [3, 64, 64]}
+    card = build_card(spec, 2)
+    assert "off (ablation)" in card and "for 10 classes at input size 3x64x64" in card
+    assert read_front_matter(card)["headsurgeon"]["files"] == {}
