@@ -262,11 +262,12 @@ class _Run:
                                        f"batch, e.g. --set data.batch_size={max(1, r['data.batch_size'] // 2)}") from None
             if self.distributed and not (r["sync_bn"] and cuda):
                 distribute_bn(tree, self.world, reduce=True)  # average BN running stats over ranks
+            lr = optimizer.param_groups[0]["lr"]  # the lr this epoch ended with (before the epoch step)
             judged = ema.module if ema is not None else tree
             metrics = {k: _evaluate(judged, v, dev, autocast, r["channels_last"], self.distributed) for k, v in evals.items()}
             if scheduler is not None:
                 scheduler.step(epoch + 1, max(h["top1"] for h in metrics["val"]["heads"]))
-            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss,
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss,
                    "time_s": round(time.time() - t0, 2), "val": metrics["val"], "test": metrics["test"]}
             history.append(row)
             head = max(range(tree.num_heads), key=lambda h: metrics["val"]["heads"][h]["top1"])

@@ -1,5 +1,6 @@
 """Training engine on CPU: tiny ImageFolder data, a narrow resnet10t, a few steps per epoch."""
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,12 @@ from headsurgeon import recipe as R
 from headsurgeon import train as T
 from headsurgeon.cli import main
 
-# timm's ImageDataset leaves PNG file handles to the garbage collector
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+@pytest.fixture(autouse=True)
+def _quiet_timm_files(_seed):
+    """timm's ImageDataset leaves PNG file handles to the garbage collector (after conftest's filters)."""
+    warnings.filterwarnings("ignore", category=ResourceWarning)
 
 TINY = ["model=resnet10t", "model_kwargs={channels: [8, 16, 32, 64], stem_width: 8}", "split.at=[layer3, layer4]",
         "split.heads=4", "data.img_size=16", "data.batch_size=8", "data.val_fraction=0.25", "epochs=2",

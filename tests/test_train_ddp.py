@@ -5,7 +5,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
 from test_train import TINY, make_folder
 
 
@@ -15,7 +14,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.filterwarnings("ignore::ResourceWarning")
 def test_torchrun_two_processes_gloo(tmp_path):
     root = make_folder(tmp_path / "imgs")
     out = tmp_path / "run"
