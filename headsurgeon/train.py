@@ -114,6 +114,7 @@ class _Run:
         self.device = torch.device(dev["device"])
         self.rank, self.world, self.distributed = dev["global_rank"], dev["world_size"], dev["distributed"]
         self.primary = self.rank == 0
+        self.log = log if self.primary else (lambda message: None)
         self.out = self._output(name, output, resume)
         random_seed(recipe["seed"], self.rank)
         self.splits = D.splits(recipe)
