@@ -4,18 +4,23 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo venv clean coverage
+.PHONY: test demo venv clean coverage docs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,docs]'
 	touch $(STAMP)
 
 venv: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra
+	$(MAKE) docs
+
+# the docs site (site/); --strict turns a broken link, page or API reference into a failure
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict -q
 
 demo: $(STAMP)
 	@echo "make demo arrives with the training issue; see README.md" && exit 1
@@ -24,4 +29,4 @@ coverage: $(STAMP)
 	$(BIN)/python benchmarks/coverage.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info
