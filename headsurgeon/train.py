@@ -109,7 +109,7 @@ class _Run:
         from timm.utils import random_seed
         from timm.utils.distributed import init_distributed_device_so
 
-        self.recipe, self.log = recipe, log
+        self.recipe = recipe
         dev = init_distributed_device_so("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(dev["device"])
         self.rank, self.world, self.distributed = dev["global_rank"], dev["world_size"], dev["distributed"]
