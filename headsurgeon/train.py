@@ -212,7 +212,9 @@ class _Run:
         if r["compile"]:
             model = torch.compile(tree, backend=r["compile"] if isinstance(r["compile"], str) else "inductor")
         if self.distributed:
-            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if cuda else None)
+            unused = bool(getattr(tree, "has_unused_parameters", lambda: False)())  # weights no node reads
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if cuda else None,
+                                                              find_unused_parameters=unused)
 
         data_cfg = self._data_cfg()
         train_loader = D.loader(self.splits.train, r, data_cfg, True, dev, self.distributed)
