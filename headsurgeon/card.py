@@ -202,11 +202,11 @@ def build_card(spec: Mapping[str, Any], head: int, *, summary: Mapping[str, Any]
             + (f"; samples {_samples((summary or {}).get('samples'))}" if (summary or {}).get("samples") else "")
             + ".")
         epochs = r.get("epochs")
-        add(f"- **Training:** {epochs} epochs" + (f" ({summary.get('epochs_done')} done)" if summary and
+        add(f"- **Training:** {epochs} epoch{'' if epochs == 1 else 's'}" + (f" ({summary.get('epochs_done')} done)" if summary and
                                                    summary.get("epochs_done") not in (None, epochs) else "")
             + f", optimizer `{r.get('optim.opt')}` lr {r.get('optim.lr')}, schedule `{r.get('sched.sched')}`, "
             f"batch size {r.get('data.batch_size')}, seed {r.get('seed')}"
-            + (f", weights: {summary['weights']}" if summary and summary.get("weights") else "") + ".")
+            + (", EMA weights" if summary and summary.get("weights") == "ema" else "") + ".")
     elif summary is not None:
         add("- **Recipe:** not recorded with this run.")
     if summary is not None:
