@@ -212,7 +212,7 @@ class _Run:
         if r["compile"]:
             model = torch.compile(tree, backend=r["compile"] if isinstance(r["compile"], str) else "inductor")
         if self.distributed:
-            unused = bool(getattr(tree, "has_unused_parameters", lambda: False)())  # weights no node reads
+            unused = bool(getattr(tree, "has_unused_parameters", False))  # weights no node reads
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if cuda else None,
                                                               find_unused_parameters=unused)
 
