@@ -171,45 +171,9 @@ def collapse_cmd(source: str | None, head: int | None, output: str | None, overw
     """Collapse one head of SOURCE into the original timm architecture, verify its logits against
     the tree and write it in timm/Hub format. SOURCE is a tree directory or a training run directory
     (its best checkpoint and best head); without SOURCE, the most recent run under runs/."""
-    from .collapse import collapse, export
-    from .tree import HeadTree
+    from .pipeline import collapse_dir
 
-    if source is None:
-        from .train import RUNS, latest_run
-
-        found = latest_run(RUNS)
-        if found is None:
-            raise HeadsurgeonError(f"no training run under {RUNS}/; give a tree or run directory")
-        click.echo(f"using the most recent run: {found}")
-        source = str(found)
-    src = Path(source)
-    if not src.is_dir():
-        raise HeadsurgeonError(f"'{source}' is not a directory; give a tree directory written by `headsurgeon split` "
-                               f"or a run directory written by `headsurgeon train`")
-    tree_dir = src
-    if (src / "summary.json").is_file():  # a training run: its best checkpoint, its best head by validation
-        import json
-
-        summary = json.loads((src / "summary.json").read_text())
-        tree_dir = src / summary.get("best_dir", "best")
-        if head is None:
-            head = int(summary["best_head"])
-            click.echo(f"run {src}: best head {head} (val top-1 {summary['heads'][head]['val_top1']:.2f}%, "
-                       f"test top-1 {summary['heads'][head]['test_top1']:.2f}%, epoch {summary['best_epoch']})")
-    tree = HeadTree.load(tree_dir)
-    head = 0 if head is None else head
-    out = Path(output or f"{src.name}-head{head}")
-    _check_output(out, overwrite)
-    model = collapse(tree, head)
-    from .card import card_writer, read_run
-
-    run, recipe = read_run(src)  # both None for a tree directory: the card then has no accuracies
-    labels = (run or {}).get("label_names")
-    export(model, out, label_names=labels, overwrite=overwrite,
-           card=card_writer(tree.spec, head, summary=run, recipe=recipe, label_names=labels,
-                            num_params=sum(p.numel() for p in model.parameters())))
-    click.echo(f"head {head} of {src} -> {tree.spec['architecture']} with {tree.spec['model_args']}; "
-               f"logits verified equal to the tree's and to the reloaded export")
+    out, head = collapse_dir(source, head, output, overwrite=overwrite, log=click.echo)
     click.echo(f"wrote {out} (config.json, model.safetensors, README.md model card); load it with:")
     click.echo(f"  timm.create_model('local-dir:{out.resolve()}', pretrained=True)")
 
@@ -278,6 +242,22 @@ def train_cmd(recipe: str | None, sets: tuple[str, ...], output: str | None, res
                    f"{s['wall_time_s']:.0f}s")
         click.echo(f"wrote {s['run']} (summary.json, metrics.jsonl, curves.png, best/, last/); "
                    f"collapse the best head with: headsurgeon collapse {s['run']}")
+
+
+@main.command("demo")
+@click.option("-o", "--output", default=None, type=click.Path(file_okay=False),
+              help="Where the two runs and the collapsed model go (default runs/demo-<time>; must be empty or absent).")
+@click.option("--epochs", type=int, default=None, help="Epochs for both runs (default: the digits recipe's).")
+@_one_line_errors
+def demo_cmd(output: str, epochs: int | None) -> None:
+    """The main job on the embedded digits data: split a small timm ResNet at two points into 4
+    heads and train it collaboratively, train the single model with the same budget, collapse the
+    head chosen by validation, reload it with timm in a fresh process and print a table."""
+    import time
+
+    from .pipeline import demo
+
+    demo(output or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}", epochs=epochs, log=click.echo)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -74,6 +74,7 @@ class Splits:
     test: View
     num_classes: int
     noise: dict[str, Any] = field(default_factory=dict)
+    label_names: list[str] | None = None
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
@@ -97,6 +98,18 @@ def _base(name: str, root: str | None, split: str, download: bool) -> Dataset:
     if len(ds) == 0:
         raise HeadsurgeonError(f"dataset '{name}' split '{split}' at '{root}' has no samples")
     return ds
+
+
+def label_names(ds: Dataset) -> list[str] | None:
+    """Class names in label order, where the dataset has them (digits, ImageFolder, torchvision)."""
+    for obj in (ds, getattr(ds, "reader", None)):
+        c2i = getattr(obj, "class_to_idx", None)
+        if isinstance(c2i, dict) and c2i:
+            return [str(k) for k, _ in sorted(c2i.items(), key=lambda kv: kv[1])]
+        classes = getattr(obj, "classes", None)
+        if isinstance(classes, (list, tuple)) and classes:
+            return [str(c) for c in classes]
+    return None
 
 
 def _num_classes(ds: Dataset) -> int | None:
@@ -132,6 +145,7 @@ def splits(recipe: dict[str, Any]) -> Splits:
         test=View(test_base, range(len(test_base))),
         num_classes=classes,
         noise={"fraction": frac, "flipped": len(offsets), "seed": recipe["data.noise_seed"]},
+        label_names=(lambda n: n if n and len(n) == classes else None)(label_names(train_base)),
     )
 
 

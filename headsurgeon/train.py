@@ -375,7 +375,7 @@ class _Run:
         return {"run": str(self.out), "finished": finished, "epochs_done": len(history), "epochs": self.recipe["epochs"],
                 "best_epoch": best["epoch"], "best_head": best["head"], "heads": heads, "ensemble": ens,
                 "weights": "ema" if self.recipe["ema"] else "model", "best_dir": "best",
-                "num_classes": self.splits.num_classes, "samples": self.splits.sizes(),
+                "num_classes": self.splits.num_classes, "label_names": self.splits.label_names, "samples": self.splits.sizes(),
                 "label_noise": self.splits.noise, "device": str(self.device), "world_size": self.world,
                 "wall_time_s": round(wall, 1)}
 

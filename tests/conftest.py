@@ -1,5 +1,3 @@
-import warnings
-
 import pytest
 import torch
 
@@ -7,6 +5,4 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        yield
+    yield
