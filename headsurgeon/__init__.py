@@ -1,31 +1,11 @@
-"""headsurgeon: collaborative learning (Song & Chai, NeurIPS 2018) for the timm model zoo.
-
-The public names are imported lazily (PEP 562), so that commands which never touch a model
-(``headsurgeon push``, ``--help``) do not pay for importing torch and timm.
-"""
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
+"""headsurgeon: collaborative learning (Song & Chai, NeurIPS 2018) for the timm model zoo."""
 __version__ = "0.1.0"
 
-_PUBLIC = {
-    "HeadsurgeonError": "errors",
-    "HeadTree": "tree",
-    "split": "tree",
-    "collapse": "collapse",
-    "export": "collapse",
-    "collaborative_loss": "loss",
-}
-__all__ = [*_PUBLIC, "__version__"]
+# Imported eagerly on purpose: a lazy PEP 562 ``__getattr__`` loses to the import system, which
+# rebinds ``headsurgeon.collapse`` to the submodule once anything imports ``headsurgeon.collapse``.
+from .errors import HeadsurgeonError  # noqa: E402
+from .tree import HeadTree, split  # noqa: E402
+from .collapse import collapse, export  # noqa: E402
+from .loss import collaborative_loss  # noqa: E402
 
-
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
-    raise AttributeError(f"module 'headsurgeon' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__all__ = ["HeadTree", "HeadsurgeonError", "collaborative_loss", "collapse", "export", "split", "__version__"]
