@@ -83,6 +83,9 @@ def run_one(name: str, big: float) -> dict:
     from headsurgeon.trace import max_abs_diff
 
     t0 = time.time()
+    import zlib
+
+    torch.manual_seed(zlib.crc32(name.encode()))  # reproducible per model, whatever ran before
     model, size, n_params = _small_model(name)
     # distinct names: CoaT's fused parallel blocks name one module for several stages
     feats = list(dict.fromkeys(f["module"] for f in getattr(model, "feature_info", None) or [] if isinstance(f, dict)))
@@ -107,6 +110,9 @@ def run_one(name: str, big: float) -> dict:
     tree.eval()
     with torch.no_grad():
         outs = tree(x)
+    if not all(torch.isfinite(o).all() for o in outs):
+        return {"model": name, "status": "fail", "params": n_params,
+                "reason": "non-finite logits after one SGD step at batch 2 (training instability, not a cut mismatch)"}
     worst = 0.0
     for h in range(tree.num_heads):
         m = hs.collapse(tree, h, probe=x)
