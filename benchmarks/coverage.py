@@ -104,6 +104,9 @@ def run_one(name: str, big: float) -> dict:
     outs = tree(x)
     loss = sum(F.cross_entropy(o if torch.is_tensor(o) else o[0], y) for o in outs)
     loss.backward()
+    # random-init models at batch 2 can have huge gradients (mobilenetv4_hybrid: 3e5); clip so the
+    # step changes the weights without blowing them up
+    torch.nn.utils.clip_grad_norm_(tree.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
     del opt, outs, loss
