@@ -94,3 +94,16 @@ def test_console_script_exit_code(tmp_path):
     proc = subprocess.run(exe + ["split", "resnet18", "--at", "layer9", "--heads", "2"], capture_output=True, text=True,
                           cwd=tmp_path)
     assert proc.returncode == 1 and proc.stderr.startswith("Error: unknown split point") and "Traceback" not in proc.stderr
+
+
+def test_pretrained_offline_fails_with_one_clear_line(tmp_path):
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    exe = [sys.executable, "-c", "from headsurgeon.cli import main; main()"]
+    proc = subprocess.run(exe + ["split", "resnet18", "--at", "layer4", "--heads", "2", "--pretrained", "-o", "t"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env)
+    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error:")]
+    assert proc.returncode == 1 and len(err) == 1 and "Traceback" not in proc.stderr
+    assert "cannot download or read the pretrained weights of 'resnet18'" in err[0] and "--weights FILE" in err[0]
+    assert not (tmp_path / "t").exists()
