@@ -18,15 +18,36 @@ from .errors import HeadsurgeonError
 DIGITS_TEST = 360  # fixed held-out digits test split (20%), independent of every recipe seed
 
 
-class Digits(Dataset):
-    """scikit-learn's handwritten digits as RGB PIL images (values 0..16 scaled to 0..255)."""
+def digits_folds(targets: Sequence[int], folds: int) -> list[int]:
+    """The fold (0..folds-1) of every sample: a fixed-seed shuffle, then dealt out class by class, so
+    each fold holds every class in proportion and fold sizes differ by at most one. Independent of
+    every recipe seed, so fold k is the same test set for every run."""
+    order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(0)).tolist()
+    order.sort(key=lambda i: int(targets[i]))  # stable: shuffled within each class
+    fold = [0] * len(targets)
+    for j, i in enumerate(order):
+        fold[i] = j % folds
+    return fold
 
-    def __init__(self, split: str):
+
+class Digits(Dataset):
+    """scikit-learn's handwritten digits as RGB PIL images (values 0..16 scaled to 0..255).
+
+    Without ``folds``: a fixed 1,437 train / 360 test split. With ``folds=k``: fold ``fold`` of
+    :func:`digits_folds` is the test split and the other k-1 folds are the train split.
+    """
+
+    def __init__(self, split: str, folds: int | None = None, fold: int = 0):
         from sklearn.datasets import load_digits
 
         d = load_digits()
-        order = torch.randperm(len(d.target), generator=torch.Generator().manual_seed(0)).tolist()
-        idx = order[-DIGITS_TEST:] if split != "train" else order[:-DIGITS_TEST]
+        if folds:
+            of = digits_folds(d.target.tolist(), folds)
+            idx = [i for i, f in enumerate(of) if (f == fold) == (split != "train")]
+        else:
+            order = torch.randperm(len(d.target), generator=torch.Generator().manual_seed(0)).tolist()
+            idx = order[-DIGITS_TEST:] if split != "train" else order[:-DIGITS_TEST]
+        self.indices = list(idx)  # positions in scikit-learn's load_digits()
         self.images = (d.images[idx] * (255.0 / 16.0)).round().astype("uint8")
         self.targets = [int(t) for t in d.target[idx]]
         self.classes = [str(i) for i in range(10)]
@@ -80,9 +101,9 @@ class Splits:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
-def _base(name: str, root: str | None, split: str, download: bool) -> Dataset:
+def _base(name: str, root: str | None, split: str, download: bool, folds: int | None = None, fold: int = 0) -> Dataset:
     if name == "digits":
-        return Digits(split)
+        return Digits(split, folds, fold)
     from timm.data import create_dataset
 
     if root and not os.path.exists(root) and not download:
@@ -124,8 +145,9 @@ def _num_classes(ds: Dataset) -> int | None:
 def splits(recipe: dict[str, Any]) -> Splits:
     """Train / validation / test views; the validation carve and the noise have fixed seeds."""
     name, root, dl = recipe["data.dataset"], recipe["data.root"], recipe["data.download"]
-    train_base = _base(name, root, recipe["data.train_split"], dl)
-    test_base = _base(name, root, recipe["data.test_split"], dl)
+    folds = (recipe.get("data.folds"), recipe.get("data.fold", 0))
+    train_base = _base(name, root, recipe["data.train_split"], dl, *folds)
+    test_base = _base(name, root, recipe["data.test_split"], dl, *folds)
     classes = recipe["data.num_classes"] or _num_classes(train_base)
     if not classes:
         raise HeadsurgeonError(f"cannot tell how many classes '{name}' has; set data.num_classes")
@@ -134,7 +156,9 @@ def splits(recipe: dict[str, Any]) -> Splits:
     if n_val >= n:
         raise HeadsurgeonError(f"data.val_fraction {recipe['data.val_fraction']} leaves no training samples out of {n}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(recipe["data.split_seed"])).tolist()
-    val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
+    rest = order[n_val:]
+    keep = max(1, round(float(recipe.get("data.train_fraction", 1.0)) * len(rest)))
+    val_idx, train_idx = sorted(order[:n_val]), sorted(rest[:keep])  # rest is in random order: a random subset
     frac = float(recipe["data.label_noise"])
     g = torch.Generator().manual_seed(recipe["data.noise_seed"])
     flip = torch.randperm(len(train_idx), generator=g)[: round(frac * len(train_idx))].tolist()

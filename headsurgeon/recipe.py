@@ -55,7 +55,14 @@ SCHEMA: dict[str, Field] = {
     "data.test_split": _f("validation", str, "held-out split for test accuracy"),
     "data.num_classes": _f(None, int, "classes (default: from the dataset)", lo=2, nullable=True),
     "data.img_size": _f(32, int, "training/eval image size", lo=8),
+    "data.folds": _f(None, int, "digits only: k of a fixed, class-stratified k-fold partition of all 1,797 images "
+                     "(fold data.fold is the test split, the other folds the train split); null: the fixed 360-image test split",
+                     lo=2, nullable=True),
+    "data.fold": _f(0, int, "the test fold, 0..data.folds-1 (with data.folds)", lo=0),
     "data.val_fraction": _f(0.1, NUM, "fraction of train held out for validation", lo=0, hi=1, lo_open=True),
+    "data.train_fraction": _f(1.0, NUM, "fraction of the rest of train (after the validation carve, chosen with "
+                              "data.split_seed) that is trained on: a smaller labelled set", lo=0, hi=1, lo_open=True,
+                              hi_closed=True),
     "data.split_seed": _f(0, int, "seed of the train/validation carve", lo=0),
     "data.label_noise": _f(0.0, NUM, "symmetric label-noise fraction on train", lo=0, hi=1),
     "data.noise_seed": _f(0, int, "seed of the label noise", lo=0),
@@ -224,6 +231,14 @@ def validate(flat: dict[str, Any], where: str = "recipe") -> dict[str, Any]:
         raise HeadsurgeonError(f"{where}: give 'model' (with 'split') or 'tree' (a directory from `headsurgeon split`)")
     if out["pretrained"] and out["weights"]:
         raise HeadsurgeonError(f"{where}: 'pretrained' and 'weights' both give starting weights; use one of them")
+    if out["data.folds"] is not None and out["data.dataset"] != "digits":
+        raise HeadsurgeonError(f"{where}: 'data.folds' partitions the digits dataset only; '{out['data.dataset']}' "
+                               f"has its own test split ('data.test_split')")
+    if out["data.folds"] is None and out["data.fold"] != 0:
+        raise HeadsurgeonError(f"{where}: 'data.fold' is {out['data.fold']} but 'data.folds' is not set (e.g. data.folds: 5)")
+    if out["data.folds"] is not None and out["data.fold"] >= out["data.folds"]:
+        raise HeadsurgeonError(f"{where}: 'data.fold' is {out['data.fold']}; with data.folds {out['data.folds']} it must be "
+                               f"0..{out['data.folds'] - 1}")
     if out["data.dataset"] != "digits" and not out["data.root"] and not out["data.dataset"].startswith(("hfds/", "hfids/")):
         raise HeadsurgeonError(f"{where}: dataset '{out['data.dataset']}' needs 'data.root' (a folder to read or download into)")
     return out

@@ -3,7 +3,8 @@
 Run directory::
 
     recipe.yaml      the resolved recipe (a resumed run must match it)
-    metrics.jsonl    one line per epoch: per-head and ensemble top-1/top-5 on val and test
+    metrics.jsonl    one line per epoch: per-head and ensemble top-1/top-5 on val and test; ``train_top1``:
+                     each head's top-1 on the training labels (noisy ones included) during the epoch
     summary.json     best epoch/head and its accuracies (rewritten each epoch; ``finished`` at the end)
     curves.png       per-head validation/test top-1 per epoch
     best/            tree directory (spec.json, tree.safetensors) of the best validation epoch
@@ -150,7 +151,8 @@ class _Run:
 
     def _check_resume(self) -> None:
         try:
-            old = R.validate(R.flatten(yaml.safe_load((self.out / "recipe.yaml").read_text()), "stored recipe"))
+            stored = R.flatten(yaml.safe_load((self.out / "recipe.yaml").read_text()), "stored recipe")
+            old = R.validate({**R.defaults(), **stored})  # keys added since the run started take their defaults
         except (OSError, yaml.YAMLError, HeadsurgeonError) as e:
             raise HeadsurgeonError(f"cannot resume '{self.out}': its recipe.yaml is unreadable ({e})") from None
         changed = R.diff(old, self.recipe)
@@ -259,7 +261,7 @@ class _Run:
             if self.distributed:
                 train_loader.sampler.set_epoch(epoch)
             try:
-                loss = self._train_epoch(model, tree, train_loader, optimizer, scheduler, scaler, ema, autocast, epoch)
+                loss, fit = self._train_epoch(model, tree, train_loader, optimizer, scheduler, scaler, ema, autocast, epoch)
             except torch.cuda.OutOfMemoryError:
                 raise HeadsurgeonError(f"CUDA out of memory at batch size {r['data.batch_size']} per process; use a smaller "
                                        f"batch, e.g. --set data.batch_size={max(1, r['data.batch_size'] // 2)}") from None
@@ -270,7 +272,7 @@ class _Run:
             metrics = {k: _evaluate(judged, v, dev, autocast, r["channels_last"], self.distributed) for k, v in evals.items()}
             if scheduler is not None:
                 scheduler.step(epoch + 1, max(h["top1"] for h in metrics["val"]["heads"]))
-            row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss,
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss, "train_top1": fit,
                    "time_s": round(time.time() - t0, 2), "val": metrics["val"], "test": metrics["test"]}
             history.append(row)
             head = max(range(tree.num_heads), key=lambda h: metrics["val"]["heads"][h]["top1"])
@@ -311,7 +313,10 @@ class _Run:
             torch.distributed.destroy_process_group()
         return summary
 
-    def _train_epoch(self, model, tree, loader, optimizer, scheduler, scaler, ema, autocast, epoch: int) -> float:
+    def _train_epoch(self, model, tree, loader, optimizer, scheduler, scaler, ema, autocast,
+                     epoch: int) -> tuple[float, list[float]]:
+        """One epoch; returns the mean loss and each head's top-1 on the (augmented, possibly noisy) training
+        labels as it went."""
         from tqdm import tqdm
 
         r, dev = self.recipe, self.device
@@ -355,11 +360,11 @@ class _Run:
                 acc = " ".join(f"{a:.0f}" for a in (hits * 100 / seen).tolist())
                 bar.set_postfix_str(f"loss {total.item() / seen:.3f} acc/head {acc}")
         bar.close()
+        stats = torch.cat([total.reshape(1), torch.tensor([float(seen)], device=dev), hits])
         if self.distributed:
-            stats = torch.stack([total, torch.tensor(float(seen), device=dev)])
             torch.distributed.all_reduce(stats)
-            return stats[0].item() / stats[1].item()
-        return total.item() / seen
+        fit = [round(h * 100 / stats[1].item(), 2) for h in stats[2:].tolist()]
+        return stats[0].item() / stats[1].item(), fit
 
     def _data_cfg(self) -> dict[str, Any]:
         from timm.data import resolve_data_config

@@ -100,3 +100,48 @@ def test_paper_variants_map_to_trees():
         assert flat["model"] == "resnet18" and flat["model_kwargs"] == {} and flat["data.dataset"] == "torch/cifar10"
     flat, _ = R.load(RECIPES / "imagenet-resnet50-4heads.yaml")
     assert (flat["model"], flat["split.at"], flat["split.heads"]) == ("resnet50", ["layer3", "layer4"], 4)
+
+
+
+def test_digits_folds_are_disjoint_covering_stratified_and_fixed():
+    from collections import Counter
+
+    from sklearn.datasets import load_digits
+
+    from headsurgeon import data as D
+
+    targets = load_digits().target.tolist()
+    folds = D.digits_folds(targets, 5)
+    assert folds == D.digits_folds(targets, 5)  # fixed: no recipe seed involved
+    assert sorted(Counter(folds).values()) == [359, 359, 359, 360, 360]
+    for k in range(5):  # every class in every fold, in proportion (within one image)
+        per = Counter(t for t, f in zip(targets, folds) if f == k)
+        assert all(abs(per[c] - targets.count(c) / 5) < 1 for c in range(10))
+    seen = []
+    for k in range(5):
+        test, train = D.Digits("validation", 5, k), D.Digits("train", 5, k)
+        assert set(test.indices).isdisjoint(train.indices) and len(test) + len(train) == len(targets)
+        assert test.targets == [targets[i] for i in test.indices]
+        seen += test.indices
+    assert sorted(seen) == list(range(len(targets)))  # every image is a test image exactly once
+
+
+def test_folds_recipe_keys_and_train_fraction():
+    sp = _splits(["data.folds=5", "data.fold=3"])
+    assert sp.sizes() == {"train": 1294, "val": 144, "test": 359}
+    assert set(sp.train.indices).isdisjoint(sp.val.indices)
+    sub = _splits(["data.folds=5", "data.fold=3", "data.train_fraction=0.25", "data.label_noise=0.4"])
+    assert sub.val.indices == sp.val.indices and set(sub.train.indices) < set(sp.train.indices)
+    assert len(sub.train) == 324 and sub.noise["flipped"] == round(0.4 * 324)
+    assert _splits([]).sizes() == {"train": 1293, "val": 144, "test": 360}  # unchanged without the new keys
+    for sets, match in ((["data.fold=1"], "'data.folds' is not set"), (["data.folds=5", "data.fold=5"], "0..4"),
+                        (["data.folds=1"], "'data.folds' is 1"), (["data.train_fraction=0"], "'data.train_fraction' is 0"),
+                        (["data.folds=5", "data.dataset=folder", "data.root=x"], "digits dataset only")):
+        with pytest.raises(HeadsurgeonError, match=match):
+            R.load(None, sets)
+
+
+def _splits(sets):
+    from headsurgeon import data as D
+
+    return D.splits(R.load(None, sets)[0])

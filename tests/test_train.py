@@ -198,3 +198,30 @@ def test_optimizer_no_weight_decay_groups_on_tree():
     assert "levels.0.0.pos_embed" in no_wd and "levels.0.0.cls_token" in no_wd  # timm's no_weight_decay()
     assert "levels.1.1.blocks.1.norm1.weight" in no_wd and "levels.1.0.head.bias" in no_wd
     assert "levels.1.1.blocks.1.attn.qkv.weight" not in no_wd
+
+
+def test_metrics_record_fit_of_training_labels_and_old_recipes_resume(folder, tmp_path):
+    out = tmp_path / "run"
+    flat = _recipe(folder, "data.label_noise=0.25", "epochs=2")
+    T.train(flat, output=str(out), stop_after=1, log=lambda m: None)
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert len(row["train_top1"]) == 4 and all(0 <= a <= 100 for a in row["train_top1"])
+    # a run directory from before data.folds / data.fold / data.train_fraction existed still resumes
+    stored = yaml_load(out / "recipe.yaml")
+    for key in ("folds", "fold", "train_fraction"):
+        del stored["data"][key]
+    (out / "recipe.yaml").write_text(yaml_dump(stored))
+    s = T.train(flat, output=str(out), resume=True, log=lambda m: None)
+    assert s["finished"] and s["epochs_done"] == 2
+
+
+def yaml_load(path):
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text())
+
+
+def yaml_dump(obj):
+    import yaml
+
+    return yaml.safe_dump(obj, sort_keys=False)

@@ -1,0 +1,401 @@
+"""The paper's table (Song & Chai 2018) re-run on real data: scikit-learn's digits, k-fold CV.
+
+Every cell is one ``headsurgeon.train.train`` run of a recipe built by ``recipe.load(None, overrides)``:
+the embedded digits defaults (``recipes/digits.yaml``) plus the overrides below, so it is the same
+engine and the same recipe keys a user runs with ``headsurgeon train --set ...``.
+
+Rows (the paper's CIFAR-10 table, plus its rescaling ablation)::
+
+    single          1 head                                 (split.at=[], split.heads=1)
+    ls              1 head, label smoothing 0.05           (+ loss.label_smoothing=0.05)
+    inst2 / inst4   2 / 4 independent instances            (split.at=[input])
+    heads2          2 heads, simple sharing                (split.at=[layer3])
+    hier4           4 heads, hierarchical sharing          (split.at=[layer3, layer4], fanout [2, 2])
+    hier4-norescale hier4 with the backprop-rescaling ops off (split.rescale=false)
+
+Design (measured numbers are in docs/paper.md, "Our reproduction on digits"):
+
+* **k-fold CV over all 1,797 images** (``data.folds``/``data.fold``): fold k of a fixed, class-stratified
+  partition is the test split; validation (10 %, clean labels) is carved from the other folds.
+  With every fold and a seed, every image is a test image exactly once.
+* **Off the ceiling**: train on a random 25 % of the remaining labelled images (``data.train_fraction``,
+  about 323 images), at 16x16, with the narrow resnet10t of the digits recipe. A single model then makes
+  about 3.5 % test error instead of 0.5 %.
+* **Memorisation**: 40 epochs at batch 32 (about 400 SGD steps, cosine). At 40 % noise the single model
+  ends fitting well above the 60 % of training labels that are correct (see ``fit_noisy`` and
+  ``memorised``: the share of flipped training images predicted as their *wrong* label, evaluated
+  without augmentation on the last checkpoint).
+* **Equal budget**: every row uses the same epochs, schedule, batch size, data and seeds; cells are
+  paired by (noise, fold, seed), so differences between rows are paired differences.
+* **Head choice**: the engine picks the epoch and head with the best (clean-label) validation top-1;
+  that is the head ``headsurgeon collapse`` deploys (``deployed``). Each cell also records every
+  head's test accuracy at that epoch (mean head, best-by-test head, the chosen head's rank) and the
+  same at the final epoch (no early stopping).
+
+    python benchmarks/paper.py --quick                      # a few minutes: every row, 0 and 40 % noise, 1 fold
+    python benchmarks/paper.py --jobs 2                     # the full grid (see --help for the defaults)
+    python benchmarks/paper.py --report-only --out DIR      # re-print the table from DIR/cells.jsonl
+
+Resumable: each finished cell is one JSON line in ``OUT/cells.jsonl`` and is skipped when present.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ROWS: dict[str, list[str]] = {
+    "single": ["split.at=[]", "split.heads=1"],
+    "ls": ["split.at=[]", "split.heads=1", "loss.label_smoothing=0.05"],
+    "inst2": ["split.at=[input]", "split.heads=2"],
+    "inst4": ["split.at=[input]", "split.heads=4"],
+    "heads2": ["split.at=[layer3]", "split.heads=2"],
+    "hier4": ["split.at=[layer3, layer4]", "split.heads=4", "split.fanout=[2, 2]"],
+    "hier4-norescale": ["split.at=[layer3, layer4]", "split.heads=4", "split.fanout=[2, 2]", "split.rescale=false"],
+}
+LABELS = {"single": "Single instance", "ls": "Label smoothing (0.05)", "inst2": "2 instances", "inst4": "4 instances",
+          "heads2": "2 heads w/ simple ILR sharing", "hier4": "4 heads w/ hierarchical ILR sharing",
+          "hier4-norescale": "4 heads hierarchical, rescaling off"}
+# the paper's CIFAR-10 ResNet-32 test error (%), its table (0 %) and its noisy-label figure (digitised, approximate)
+PAPER = {"single": {0.0: "6.66 ± 0.21", 0.1: "≈9.2", 0.3: "≈11.4", 0.5: "≈13.7"},
+         "ls": {0.0: "6.83 ± 0.14"},
+         "inst2": {0.0: "6.19 ± 0.17", 0.1: "≈7.2", 0.3: "≈9.35", 0.5: "≈11.7"},
+         "inst4": {0.0: "6.16 ± 0.17", 0.1: "≈7.2", 0.3: "≈9.2", 0.5: "≈11.45"},
+         "heads2": {0.0: "5.97 ± 0.07", 0.1: "≈7.25", 0.3: "≈9.2", 0.5: "≈11.8"},
+         "hier4": {0.0: "5.86 ± 0.13", 0.1: "≈7.05", 0.3: "≈9.1", 0.5: "≈11.9"},
+         "hier4-norescale": {}}
+
+# shared by every row; the per-cell keys (fold, seeds, noise) are added in overrides()
+SETTINGS = {
+    "folds": 5,              # k of the k-fold partition (data.folds)
+    "train_fraction": 0.25,  # labelled subset of the non-validation images (about 323 per fold)
+    "img_size": 16,
+    "batch_size": 32,
+    "epochs": 40,
+}
+FULL = {"noise": [0.0, 0.2, 0.4], "seeds": [0, 1, 2]}
+QUICK = {"noise": [0.0, 0.4], "seeds": [0], "fold_list": [0], "epochs": 20}
+
+
+def overrides(row: str, noise: float, fold: int, seed: int, settings: dict[str, Any]) -> list[str]:
+    """The ``--set`` pairs of one cell: the same line works with ``headsurgeon train --set ...``."""
+    return [*ROWS[row], f"data.folds={settings['folds']}", f"data.fold={fold}",
+            f"data.train_fraction={settings['train_fraction']}", f"data.img_size={settings['img_size']}",
+            f"data.batch_size={settings['batch_size']}", f"epochs={settings['epochs']}",
+            f"data.label_noise={noise}", f"data.noise_seed={seed}", f"data.split_seed={seed}", f"seed={seed}"]
+
+
+def cell_key(row: str, noise: float, fold: int, seed: int) -> str:
+    return f"{row}|{noise:g}|{fold}|{seed}"
+
+
+# ------------------------------------------------------------------------------- one cell (worker)
+
+def _rank(values: list[float], i: int) -> float:
+    """1 = best; ties share the mean rank."""
+    better = sum(v > values[i] for v in values)
+    equal = sum(v == values[i] for v in values)
+    return better + (equal + 1) / 2
+
+
+def _heads_at(row_metrics: dict[str, Any]) -> dict[str, Any]:
+    val = [h["top1"] for h in row_metrics["val"]["heads"]]
+    test = [h["top1"] for h in row_metrics["test"]["heads"]]
+    chosen = max(range(len(val)), key=lambda h: val[h])  # the engine's rule: first head with the best val top-1
+    return {"chosen": chosen, "deployed": test[chosen], "ensemble": row_metrics["test"]["ensemble"]["top1"],
+            "mean_head": statistics.fmean(test), "best_head": max(test), "worst_head": min(test),
+            "chosen_rank": _rank(test, chosen), "heads_test": test, "heads_val": val}
+
+
+def _fit(run: Path, recipe: dict[str, Any]) -> dict[str, Any]:
+    """The last checkpoint on its own training images, without augmentation: top-1 against the noisy
+    labels it was trained on, against the true labels, and on the flipped images the share predicted
+    as their wrong (noisy) label ('memorised') or their true label ('corrected'). Mean over heads."""
+    import torch
+    from timm.data import resolve_data_config
+
+    from headsurgeon import data as D
+    from headsurgeon.tree import HeadTree
+
+    tree = HeadTree.load(run / "last").eval()
+    sp = D.splits(recipe)
+    tr = sp.train
+    clean = D.View(tr.base, tr.indices)
+    cfg = resolve_data_config(pretrained_cfg=tree.spec.get("pretrained_cfg") or {})
+    ld = D.loader(clean, recipe, cfg, False, torch.device("cpu"))
+    preds, truth = [], []
+    with torch.no_grad():
+        for x, y in ld:
+            preds.append(torch.stack([o.argmax(1) for o in tree(x)]))
+            truth.append(y)
+    p, t = torch.cat(preds, 1), torch.cat(truth)
+    noisy = t.clone()
+    for i, o in tr.offsets.items():
+        noisy[i] = (int(t[i]) + o) % tr.num_classes
+    flipped = torch.tensor(sorted(tr.offsets), dtype=torch.long)
+    out = {"fit_noisy": (p == noisy).float().mean().item() * 100, "fit_true": (p == t).float().mean().item() * 100,
+           "n_train": len(t), "n_flipped": len(flipped)}
+    if len(flipped):
+        out["memorised"] = (p[:, flipped] == noisy[flipped]).float().mean().item() * 100
+        out["corrected"] = (p[:, flipped] == t[flipped]).float().mean().item() * 100
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def run_cell(row: str, noise: float, fold: int, seed: int, settings: dict[str, Any], runs: str,
+             keep_runs: bool) -> dict[str, Any]:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    warnings.filterwarnings("ignore")
+    from headsurgeon import recipe as R
+    from headsurgeon.train import STATE_FILE, train
+
+    sets = overrides(row, noise, fold, seed, settings)
+    flat, _ = R.load(None, sets)
+    run = Path(runs) / f"{row}-n{noise:g}-f{fold}-s{seed}"
+    resume = (run / "last" / STATE_FILE).is_file()
+    if run.exists() and not resume:
+        shutil.rmtree(run)
+    t0 = time.time()
+    with open(run.parent / f".{run.name}.log", "a") as logf:
+        summary = train(flat, name=row, output=str(run), resume=resume, log=lambda m: print(m, file=logf, flush=True))
+    wall = time.time() - t0
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    best = _heads_at(history[summary["best_epoch"] - 1])
+    final = _heads_at(history[-1])
+    assert best["chosen"] == summary["best_head"] and best["deployed"] == summary["heads"][summary["best_head"]]["test_top1"]
+    result = {
+        "key": cell_key(row, noise, fold, seed), "row": row, "noise": noise, "fold": fold, "seed": seed,
+        "overrides": sets, "n_test": summary["samples"]["test"], "samples": summary["samples"],
+        "flipped": summary["label_noise"]["flipped"], "heads": len(summary["heads"]),
+        "best_epoch": summary["best_epoch"], "best": best, "final": final,
+        "train_top1_curve": [round(statistics.fmean(h["train_top1"]), 2) for h in history],
+        "test_mean_head_curve": [round(statistics.fmean(x["top1"] for x in h["test"]["heads"]), 2) for h in history],
+        "fit_last": _fit(run, flat), "train_s": summary["wall_time_s"], "wall_s": round(wall, 1),
+        "epochs": settings["epochs"],
+    }
+    if not keep_runs:
+        for sub in ("best", "last"):
+            shutil.rmtree(run / sub, ignore_errors=True)
+    return result
+
+
+# ------------------------------------------------------------------------------- report
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
+
+
+def _se(xs: list[float]) -> float:
+    return statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
+
+
+def _pm(m: float, s: float, d: int = 2) -> str:
+    return f"{m:.{d}f}" + ("" if math.isnan(s) else f" ± {s:.{d}f}")
+
+
+def aggregate(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (row, noise): test error (%, pooled over cells = k-fold CV error when every fold is there),
+    its sd over cells, and the paired difference to 'single' (same noise, fold, seed) with its SE."""
+    by = {(c["row"], c["noise"], c["fold"], c["seed"]): c for c in cells}
+    out: dict[str, Any] = {}
+    for (row, noise) in sorted({(c["row"], c["noise"]) for c in cells}, key=lambda k: (k[1], list(ROWS).index(k[0]))):
+        cs = [c for c in cells if c["row"] == row and c["noise"] == noise]
+        n_img = sum(c["n_test"] for c in cs)
+        entry: dict[str, Any] = {"cells": len(cs), "images": n_img}
+        for when in ("best", "final"):
+            for what in ("deployed", "ensemble", "mean_head", "best_head"):
+                errs = [100 - c[when][what] for c in cs]
+                pooled = 100 - sum(c[when][what] * c["n_test"] for c in cs) / n_img
+                pair = [(by[(row, noise, c["fold"], c["seed"])][when][what] - by[("single", noise, c["fold"], c["seed"])][when]["deployed"])
+                        for c in cs if ("single", noise, c["fold"], c["seed"]) in by]
+                # paired gain over the single model's deployed accuracy: positive = fewer errors than single
+                entry[f"{when}.{what}"] = {"err": round(pooled, 3), "sd": round(_mean_sd(errs)[1], 3),
+                                           "gain_vs_single": round(statistics.fmean(pair), 3) if pair else None,
+                                           "se": round(_se(pair), 3) if len(pair) > 1 else None, "pairs": len(pair)}
+        if cs[0]["heads"] > 1:
+            entry["choice"] = {"mean_rank": round(statistics.fmean(c["best"]["chosen_rank"] for c in cs), 2),
+                               "random_rank": (cs[0]["heads"] + 1) / 2,
+                               "chosen_minus_mean": round(statistics.fmean(c["best"]["deployed"] - c["best"]["mean_head"] for c in cs), 3),
+                               "best_minus_chosen": round(statistics.fmean(c["best"]["best_head"] - c["best"]["deployed"] for c in cs), 3)}
+        if noise > 0:
+            entry["fit_last"] = {k: round(statistics.fmean(c["fit_last"][k] for c in cs), 2)
+                                 for k in ("fit_noisy", "fit_true", "memorised", "corrected")}
+        entry["best_epoch"] = round(statistics.fmean(c["best_epoch"] for c in cs), 1)
+        entry["wall_s"] = round(statistics.fmean(c["wall_s"] for c in cs), 1)
+        out[f"{row}|{noise:g}"] = entry
+    return out
+
+
+def report(cells: list[dict[str, Any]], settings: dict[str, Any]) -> str:
+    agg = aggregate(cells)
+    noises = sorted({c["noise"] for c in cells})
+    lines = ["Test error (%) on digits, k-fold CV: pooled over the cells run; ± is the sd over cells "
+             "(one fold of one seed each). Δ = paired accuracy gain over the single model (pp, + = better) ± its SE.", ""]
+    for when, title in (("best", "deployed = validation-chosen epoch and head (what `headsurgeon collapse` exports)"),
+                        ("final", "final epoch (no early stopping), validation-chosen head")):
+        lines += [f"### {title}", ""]
+        head = "| row | paper C-10 R-32 (0 %) |" + "".join(f" {n:.0%} noise: deployed | Δ | ensemble | Δ ens |" for n in noises)
+        lines += [head, "|---|---|" + "---|---|---|---|" * len(noises)]
+        for row in ROWS:
+            cols = []
+            have = False
+            for n in noises:
+                e = agg.get(f"{row}|{n:g}")
+                if not e:
+                    cols.append(" – | – | – | – |")
+                    continue
+                have = True
+                d, en = e[f"{when}.deployed"], e[f"{when}.ensemble"]
+                g = (lambda x: "" if x["gain_vs_single"] is None or row == "single" else
+                     f"{x['gain_vs_single']:+.2f}" + (f" ± {x['se']:.2f}" if x["se"] is not None else ""))
+                cols.append(f" {_pm(d['err'], d['sd'])} | {g(d)} | {_pm(en['err'], en['sd'])} | {g(en)} |")
+            if have:
+                lines.append(f"| {LABELS[row]} | {PAPER[row].get(0.0, '–')} |" + "".join(cols))
+        lines.append("")
+    lines += ["### head choice (validation-chosen head at the chosen epoch; rank 1 = best of the heads on test)", "",
+              "| row | noise | mean rank (random) | chosen − mean head (pp) | best head − chosen (pp) |", "|---|---|---|---|---|"]
+    for k, e in agg.items():
+        if "choice" in e:
+            row, n = k.split("|")
+            c = e["choice"]
+            lines.append(f"| {row} | {float(n):.0%} | {c['mean_rank']} ({c['random_rank']}) | {c['chosen_minus_mean']:+.2f} | "
+                         f"{c['best_minus_chosen']:+.2f} |")
+    lines += ["", "### fit of the training labels at the last epoch (no augmentation, mean over heads)", "",
+              "| row | noise | fit noisy labels % | fit true labels % | flipped: memorised % | flipped: corrected % | best epoch |",
+              "|---|---|---|---|---|---|---|"]
+    for k, e in agg.items():
+        if "fit_last" in e:
+            row, n = k.split("|")
+            f = e["fit_last"]
+            lines.append(f"| {row} | {float(n):.0%} | {f['fit_noisy']:.1f} | {f['fit_true']:.1f} | {f['memorised']:.1f} | "
+                         f"{f['corrected']:.1f} | {e['best_epoch']} / {settings['epochs']} |")
+    lines += ["", "### the claims (paired gains in pp of test accuracy ± SE over cells; + supports the claim)", "",
+              "| claim | noise | deployed | ensemble | final-epoch deployed | pairs |", "|---|---|---|---|---|---|"]
+
+    def pair(a: str, b: str, n: float, when: str, what: str, what_b: str) -> str:
+        pa = {(c["fold"], c["seed"]): c[when][what] for c in cells if c["row"] == a and c["noise"] == n}
+        pb = {(c["fold"], c["seed"]): c[when][what_b] for c in cells if c["row"] == b and c["noise"] == n}
+        d = [pa[k] - pb[k] for k in pa if k in pb]
+        if not d:
+            return "–", 0
+        return (f"{statistics.fmean(d):+.2f}" + ("" if len(d) < 2 else f" ± {_se(d):.2f}")), len(d)
+
+    tests = [("generalisation: hier4 vs single", "hier4", "single"), ("label smoothing vs single", "ls", "single"),
+             ("sharing ≥ instances: hier4 vs inst4", "hier4", "inst4"), ("sharing ≥ instances: heads2 vs inst2", "heads2", "inst2"),
+             ("rescaling helps: hier4 vs hier4-norescale", "hier4", "hier4-norescale")]
+    for n in noises:
+        for name, a, b in tests:
+            dep, k = pair(a, b, n, "best", "deployed", "deployed")
+            ens, _ = pair(a, b, n, "best", "ensemble", "deployed" if b in ("single", "ls") else "ensemble")
+            fin, _ = pair(a, b, n, "final", "deployed", "deployed")
+            if k:
+                lines.append(f"| {name} | {n:.0%} | {dep} | {ens} | {fin} | {k} |")
+    return "\n".join(lines) + "\n"
+
+
+def estimate(cells: list[dict[str, Any]], rows: list[str], n_noise: int, folds: int, seeds: int, epochs: int,
+             jobs: int) -> tuple[float, dict[str, float]]:
+    """Wall seconds of a grid, from the measured seconds per epoch of each row (+ fixed overhead per cell)."""
+    per: dict[str, float] = {}
+    for row in rows:
+        cs = [c for c in cells if c["row"] == row]
+        if cs:
+            per[row] = statistics.fmean(c["train_s"] / c["epochs"] for c in cs) * epochs + \
+                statistics.fmean(c["wall_s"] - c["train_s"] for c in cs)
+    total = sum(per.values()) * n_noise * folds * seeds / max(1, jobs)
+    return total, per
+
+
+# ------------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help=f"every row at noise {QUICK['noise']}, fold 0, seed 0, {QUICK['epochs']} epochs (a few minutes)")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    ap.add_argument("--noise", default=None, help=f"comma-separated noise fractions (default {FULL['noise']})")
+    ap.add_argument("--folds", type=int, default=SETTINGS["folds"], help="k of the k-fold partition")
+    ap.add_argument("--fold-list", default=None, help="which folds to run (default: all k)")
+    ap.add_argument("--seeds", default=None, help=f"comma-separated seeds (default {FULL['seeds']})")
+    ap.add_argument("--epochs", type=int, default=None, help=f"epochs (default {SETTINGS['epochs']})")
+    ap.add_argument("--train-fraction", type=float, default=SETTINGS["train_fraction"])
+    ap.add_argument("--img-size", type=int, default=SETTINGS["img_size"])
+    ap.add_argument("--batch-size", type=int, default=SETTINGS["batch_size"])
+    ap.add_argument("--jobs", type=int, default=1, help="cells trained at once, one thread each")
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/paper/full or .../quick)")
+    ap.add_argument("--keep-runs", action="store_true", help="keep every cell's best/ and last/ checkpoints")
+    ap.add_argument("--report-only", action="store_true", help="print the table from OUT/cells.jsonl and stop")
+    a = ap.parse_args(argv)
+
+    rows = [r.strip() for r in a.rows.split(",") if r.strip()]
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        ap.error(f"unknown rows {bad}; choose from {list(ROWS)}")
+    noise = [float(x) for x in a.noise.split(",")] if a.noise else (QUICK if a.quick else FULL)["noise"]
+    seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else (QUICK if a.quick else FULL)["seeds"]
+    fold_list = ([int(x) for x in a.fold_list.split(",")] if a.fold_list else
+                 QUICK["fold_list"] if a.quick else list(range(a.folds)))
+    epochs = a.epochs or (QUICK["epochs"] if a.quick else SETTINGS["epochs"])
+    settings = {"folds": a.folds, "train_fraction": a.train_fraction, "img_size": a.img_size,
+                "batch_size": a.batch_size, "epochs": epochs}
+    out = Path(a.out or ROOT / "benchmarks" / "results" / "paper" / ("quick" if a.quick else "full"))
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path, cells_path = out / "config.json", out / "cells.jsonl"
+    if cfg_path.exists() and json.loads(cfg_path.read_text()) != settings:
+        ap.error(f"{out} holds cells run with {json.loads(cfg_path.read_text())}, not {settings}; choose another --out")
+    cfg_path.write_text(json.dumps(settings, indent=2) + "\n")
+    cells = [json.loads(line) for line in cells_path.read_text().splitlines()] if cells_path.exists() else []
+    done = {c["key"] for c in cells}
+
+    if not a.report_only:
+        todo = [(r, n, f, s) for s in seeds for f in fold_list for n in noise for r in rows
+                if cell_key(r, n, f, s) not in done]
+        print(f"{len(todo)} cells to run ({len(done)} already in {cells_path}); settings {settings}; {a.jobs} job(s)", flush=True)
+        t0 = time.time()
+        runs = str(out / "runs")
+        Path(runs).mkdir(exist_ok=True)
+        with ProcessPoolExecutor(max_workers=a.jobs) as ex:
+            futs = {ex.submit(run_cell, *cell, settings, runs, a.keep_runs): cell for cell in todo}
+            for i, fut in enumerate(as_completed(futs), 1):
+                res = fut.result()
+                with open(cells_path, "a") as f:
+                    f.write(json.dumps(res) + "\n")
+                cells.append(res)
+                print(f"[{i}/{len(todo)} {time.time() - t0:.0f}s] {res['key']}: deployed {res['best']['deployed']:.2f} "
+                      f"ens {res['best']['ensemble']:.2f} (epoch {res['best_epoch']}), final {res['final']['deployed']:.2f}, "
+                      f"fit noisy {res['fit_last']['fit_noisy']:.1f} [{res['wall_s']:.0f}s]", flush=True)
+
+    cells = [c for c in cells if c["row"] in rows]
+    if not cells:
+        print("no cells yet")
+        return 0
+    text = report(cells, settings)
+    (out / "table.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps({"settings": settings, "aggregate": aggregate(cells)}, indent=1) + "\n")
+    print(text)
+    full_s, per = estimate(cells, list(ROWS), len(FULL["noise"]), SETTINGS["folds"], len(FULL["seeds"]),
+                           SETTINGS["epochs"], 2)
+    print("measured seconds per cell at the full grid's epochs (" + ", ".join(f"{r} {s:.0f}" for r, s in per.items()) + ")")
+    if len(per) == len(ROWS):
+        print(f"estimated full grid ({len(ROWS)} rows x {len(FULL['noise'])} noise x {SETTINGS['folds']} folds x "
+              f"{len(FULL['seeds'])} seeds, {SETTINGS['epochs']} epochs): {full_s / 3600:.2f} h with --jobs 2 on 2 free cores, "
+              f"{2 * full_s / 3600:.2f} h with --jobs 1")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
