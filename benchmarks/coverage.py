@@ -75,6 +75,27 @@ def _try_small(name: str):
     return timm.create_model(name, num_classes=10), (cfg[0], small, small), n_params
 
 
+def _split_candidates(model) -> list[str]:
+    """``feature_info`` modules that exist (Twins/MViTv2 name ``block.N`` modules that do not),
+    distinct (CoaT names one fused module for several stages); else the last stage containers."""
+    def exists(path: str) -> bool:
+        try:
+            model.get_submodule(path)
+            return True
+        except AttributeError:
+            return False
+
+    feats = list(dict.fromkeys(f["module"] for f in getattr(model, "feature_info", None) or [] if isinstance(f, dict)))
+    feats = [f for f in feats if exists(f)]
+    if len(feats) >= 2:
+        return feats
+    for container in ("stages", "blocks", "layers", "features"):
+        mod = getattr(model, container, None)
+        if mod is not None and hasattr(mod, "__len__") and len(mod) >= 2:
+            return [f"{container}.{i}" for i in range(len(mod))]
+    return feats
+
+
 def run_one(name: str, big: float) -> dict:
     import torch
     import torch.nn.functional as F
@@ -87,8 +108,7 @@ def run_one(name: str, big: float) -> dict:
 
     torch.manual_seed(zlib.crc32(name.encode()))  # reproducible per model, whatever ran before
     model, size, n_params = _small_model(name)
-    # distinct names: CoaT's fused parallel blocks name one module for several stages
-    feats = list(dict.fromkeys(f["module"] for f in getattr(model, "feature_info", None) or [] if isinstance(f, dict)))
+    feats = _split_candidates(model)
     large = n_params > big
     at = feats[-1:] if large else feats[-2:]
     if not at:
@@ -175,7 +195,13 @@ def sweep(names: list[str], timeout: float, big: float, max_params: float, retry
         done = {k: v for k, v in done.items() if v["status"] != "fail"}
         RESULTS.write_text("".join(json.dumps(v) + "\n" for v in done.values()))
     todo = [n for n in names if n not in done]
-    todo.sort(key=_meta_params)  # smallest first: a partial sweep covers the most architectures
+    cache_file = RESULTS.parent / "params.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    for n in todo:
+        if n not in cache:
+            cache[n] = _meta_params(n)
+    cache_file.write_text(json.dumps(cache, sort_keys=True))
+    todo.sort(key=lambda n: cache[n])  # smallest first: a partial sweep covers the most architectures
     print(f"{len(names)} models, {len(done)} already recorded, {len(todo)} to run", flush=True)
     proc = None
     with RESULTS.open("a") as log:
