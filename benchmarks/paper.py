@@ -227,6 +227,13 @@ def aggregate(cells: list[dict[str, Any]]) -> dict[str, Any]:
                 entry[f"{when}.{what}"] = {"err": round(pooled, 3), "sd": round(_mean_sd(errs)[1], 3),
                                            "gain_vs_single": round(statistics.fmean(pair), 3) if pair else None,
                                            "se": round(_se(pair), 3) if len(pair) > 1 else None, "pairs": len(pair)}
+        seeds = sorted({c["seed"] for c in cs})
+        whole = [s for s in seeds if sum(c["seed"] == s for c in cs) == max(sum(c["seed"] == t for c in cs) for t in seeds)]
+        if len(whole) > 1:  # per-seed CV error (all of that seed's folds pooled), sd over seeds: the paper's kind of ±
+            per_seed = [100 - sum(c["best"]["deployed"] * c["n_test"] for c in cs if c["seed"] == s) /
+                        sum(c["n_test"] for c in cs if c["seed"] == s) for s in whole]
+            entry["seed_cv_err_deployed"] = {"mean": round(statistics.fmean(per_seed), 3),
+                                             "sd": round(statistics.stdev(per_seed), 3), "seeds": len(whole)}
         if cs[0]["heads"] > 1:
             entry["choice"] = {"mean_rank": round(statistics.fmean(c["best"]["chosen_rank"] for c in cs), 2),
                                "random_rank": (cs[0]["heads"] + 1) / 2,
@@ -267,6 +274,13 @@ def report(cells: list[dict[str, Any]], settings: dict[str, Any]) -> str:
             if have:
                 lines.append(f"| {LABELS[row]} | {PAPER[row].get(0.0, '–')} |" + "".join(cols))
         lines.append("")
+    seedwise = [(k, e["seed_cv_err_deployed"]) for k, e in agg.items() if "seed_cv_err_deployed" in e]
+    if seedwise:
+        lines += ["### k-fold CV error of the deployed head per seed (all folds pooled), mean ± sd over seeds", "",
+                  "| row | noise | error % | seeds |", "|---|---|---|---|"]
+        lines += [f"| {k.split('|')[0]} | {float(k.split('|')[1]):.0%} | {_pm(e['mean'], e['sd'])} | {e['seeds']} |"
+                  for k, e in seedwise]
+        lines.append("")
     lines += ["### head choice (validation-chosen head at the chosen epoch; rank 1 = best of the heads on test)", "",
               "| row | noise | mean rank (random) | chosen − mean head (pp) | best head − chosen (pp) |", "|---|---|---|---|---|"]
     for k, e in agg.items():
@@ -295,7 +309,9 @@ def report(cells: list[dict[str, Any]], settings: dict[str, Any]) -> str:
             return "–", 0
         return (f"{statistics.fmean(d):+.2f}" + ("" if len(d) < 2 else f" ± {_se(d):.2f}")), len(d)
 
-    tests = [("generalisation: hier4 vs single", "hier4", "single"), ("label smoothing vs single", "ls", "single"),
+    tests = [("gain over single: hier4", "hier4", "single"), ("gain over single: heads2", "heads2", "single"),
+             ("gain over single: inst4", "inst4", "single"), ("gain over single: inst2", "inst2", "single"),
+             ("label smoothing vs single", "ls", "single"),
              ("sharing ≥ instances: hier4 vs inst4", "hier4", "inst4"), ("sharing ≥ instances: heads2 vs inst2", "heads2", "inst2"),
              ("rescaling helps: hier4 vs hier4-norescale", "hier4", "hier4-norescale")]
     for n in noises:
@@ -305,6 +321,24 @@ def report(cells: list[dict[str, Any]], settings: dict[str, Any]) -> str:
             fin, _ = pair(a, b, n, "final", "deployed", "deployed")
             if k:
                 lines.append(f"| {name} | {n:.0%} | {dep} | {ens} | {fin} | {k} |")
+
+    def robust(a: str, n: float, when: str) -> tuple[str, int]:
+        """(gain of row a over single at noise n) − (the same gain at 0 % noise), paired by (fold, seed)."""
+        acc = {(c["row"], c["noise"], c["fold"], c["seed"]): c[when]["deployed"] for c in cells}
+        d = [(acc[(a, n, f, s)] - acc[("single", n, f, s)]) - (acc[(a, 0.0, f, s)] - acc[("single", 0.0, f, s)])
+             for (r, nn, f, s) in acc if r == a and nn == n
+             and all(k in acc for k in (("single", n, f, s), (a, 0.0, f, s), ("single", 0.0, f, s)))]
+        return ((f"{statistics.fmean(d):+.2f}" + ("" if len(d) < 2 else f" ± {_se(d):.2f}")) if d else "–"), len(d)
+
+    if 0.0 in noises and len(noises) > 1:
+        lines += ["", "robustness to label noise: gain over single at the noise rate minus the gain at 0 % "
+                  "(pp, paired by fold and seed; + = collaboration helps more under noise)", "",
+                  "| row | noise | deployed | final epoch | pairs |", "|---|---|---|---|---|"]
+        for n in noises:
+            for a in ("hier4", "heads2", "inst4", "inst2"):
+                dep, k = robust(a, n, "best")
+                if n > 0 and k:
+                    lines.append(f"| {a} | {n:.0%} | {dep} | {robust(a, n, 'final')[0]} | {k} |")
     return "\n".join(lines) + "\n"
 
 
