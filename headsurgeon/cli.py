@@ -128,7 +128,7 @@ def split_cmd(model: str, at: str, heads: int, fanout: str | None, num_classes: 
               branch_init: str | None, pretrained: bool, weights: str | None, model_kwargs: tuple[str, ...],
               seed: int | None, input_size: str | None, output: str | None, overwrite: bool) -> None:
     """Split MODEL into a tree of heads and write it to a directory (spec.json + tree.safetensors)."""
-    from .tree import split
+    from .tree import check_output, split
 
     if pretrained and weights:
         raise HeadsurgeonError("--pretrained and --weights both give starting weights; use one of them")
@@ -138,7 +138,7 @@ def split_cmd(model: str, at: str, heads: int, fanout: str | None, num_classes: 
     if pretrained:
         kwargs["pretrained"] = True
     out = Path(output or f"{_safe_name(model)}-tree")
-    _check_output(out, overwrite)
+    check_output(out, overwrite)
     tree = split(model, at=at, heads=heads, fanout=_int_list(fanout, "--fanout"), rescale=not no_rescale,
                  branch_init=branch_init, weights=weights, seed=seed,
                  input_size=_int_list(input_size, "--input-size"), **kwargs)
@@ -153,12 +153,6 @@ def split_cmd(model: str, at: str, heads: int, fanout: str | None, num_classes: 
                f"{_human(cost['tree_flops'])} vs model {_human(cost['base_flops'])} "
                f"({cost['tree_flops'] / max(cost['base_flops'], 1):.2f}x)")
     click.echo(f"wrote {out}")
-
-
-def _check_output(out: Path, overwrite: bool) -> None:
-    """Fail before any work if the output cannot be written (the write itself is atomic)."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-        raise HeadsurgeonError(f"output '{out}' exists and is not an empty directory; pass --overwrite or choose another -o")
 
 
 @main.command("collapse")

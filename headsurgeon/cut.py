@@ -34,6 +34,14 @@ def point_names(names: dict[fx.Node, str]) -> list[str]:
     return list(seen)
 
 
+def feature_points(model: nn.Module, names: dict[fx.Node, str]) -> list[str]:
+    """timm ``feature_info`` modules that resolve in the graph, each once (Twins and MViTv2 name
+    ``block.N`` modules that do not exist; CoaT names one fused module for several stages)."""
+    have = set(point_names(names))
+    feats = (f.get("module") for f in getattr(model, "feature_info", None) or [] if isinstance(f, dict))
+    return [p for p in dict.fromkeys(feats) if p in have]
+
+
 def resolve(graph: fx.Graph, names: dict[fx.Node, str], point: str, model_name: str,
             valid: Sequence[str] | None = None) -> int:
     """Index of the first node owned by ``point`` (a module path, a node qualname or fx name)."""
@@ -127,10 +135,3 @@ def cut_graph(graph: fx.Graph, cuts: Iterable[int]) -> list[fx.Graph]:
         g.lint()
         out.append(g)
     return out
-
-
-def module_of(model: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None

@@ -21,7 +21,7 @@ def collapse_dir(source: str | Path | None, head: int | None, output: str | Path
     export it with its model card. Without ``source``, the most recent run under ``runs/``."""
     from .card import card_writer, read_run
     from .collapse import collapse, export
-    from .tree import HeadTree
+    from .tree import HeadTree, check_output
 
     if source is None:
         from .train import RUNS, latest_run
@@ -47,8 +47,7 @@ def collapse_dir(source: str | Path | None, head: int | None, output: str | Path
     tree = HeadTree.load(tree_dir)
     head = 0 if head is None else head
     out = Path(output or f"{src.name}-head{head}")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-        raise HeadsurgeonError(f"output '{out}' exists and is not an empty directory; pass --overwrite or choose another -o")
+    check_output(out, overwrite)
     model = collapse(tree, head)
     labels = (run or {}).get("label_names")
     export(model, out, label_names=labels, overwrite=overwrite,

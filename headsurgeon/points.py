@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cut import INPUT, last_index, point_names
+from .cut import INPUT, feature_points, last_index, point_names
 from .trace import trace
 
 
@@ -93,9 +93,8 @@ def split_points(model: nn.Module, input_size: Sequence[int], all_paths: bool = 
                 new += t.numel()
         cum_params.append(cum_params[-1] + new)
 
-    feats = [f["module"] for f in getattr(model, "feature_info", None) or [] if isinstance(f, dict)]
     paths = point_names(names)
-    chosen = [p for p in feats if p in paths]
+    chosen = feature_points(model, names)
     extra = [p for p in paths if p not in chosen and (all_paths or p.count(".") < max_depth)]
     out = [SplitPoint(INPUT, False, _shape(torch.empty(1, *input_size)), total_params, total_flops)]
     first = {}

@@ -56,14 +56,6 @@ class Traced:
     train_names: dict[fx.Node, str]
     eval_names: dict[fx.Node, str]
 
-    @property
-    def graphs_equal(self) -> bool:
-        return _graph_code(self.model, self.train_graph) == _graph_code(self.model, self.eval_graph)
-
-
-def _graph_code(root: nn.Module, graph: fx.Graph) -> str:
-    return graph.python_code(root_module="self").src
-
 
 def concrete_args(model: nn.Module) -> dict[str, Any]:
     """Bind every ``forward`` argument after the input to its default.
@@ -177,19 +169,21 @@ def run_both_modes(fn, example: torch.Tensor, *modules: nn.Module, seed: int = 0
     return out
 
 
-def check_against_eager(model: nn.Module, candidate, candidate_modules: list[nn.Module],
-                        example: torch.Tensor, what: str, name: str) -> None:
-    """Raise if ``candidate`` (graph, or chain of segments) differs from eager in either mode."""
+def check_against_eager(model: nn.Module, candidates: dict[str, tuple[Any, list[nn.Module]]],
+                        example: torch.Tensor, name: str) -> None:
+    """Raise if any candidate (``what -> (fn, its modules)``: a graph, a chain of segments)
+    differs from eager in either mode. The eager reference is computed once for all of them."""
     was = model.training
     try:
         ref = run_both_modes(model, example, model)
-        got = run_both_modes(candidate, example, model, *candidate_modules)
+        for what, (candidate, candidate_modules) in candidates.items():
+            got = run_both_modes(candidate, example, model, *candidate_modules)
+            for mode in ("eval", "train"):
+                diff = max_abs_diff(ref[mode], got[mode])
+                if not diff <= tolerance(ref[mode]):
+                    raise HeadsurgeonError(
+                        f"{what} of {name} differs from the eager model in {mode} mode (max abs diff {diff:.3g}); "
+                        f"this model cannot be cut exactly, please report it"
+                    )
     finally:
         model.train(was)
-    for mode in ("eval", "train"):
-        diff = max_abs_diff(ref[mode], got[mode])
-        if not diff <= tolerance(ref[mode]):
-            raise HeadsurgeonError(
-                f"{what} of {name} differs from the eager model in {mode} mode (max abs diff {diff:.3g}); "
-                f"this model cannot be cut exactly, please report it"
-            )

@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_map_only
 from torchvision.models.feature_extraction import DualGraphModule
 
 from . import __version__
-from .cut import INPUT, cut_graph, point_names, resolve_all
+from .cut import INPUT, cut_graph, feature_points, point_names, resolve_all
 from .errors import HeadsurgeonError
 from .trace import Traced, check_against_eager, max_abs_diff, run_both_modes, trace
 
@@ -207,6 +207,15 @@ def _original_name(tree_name: str) -> str:
     return tree_name.split(".", 3)[3]
 
 
+def check_output(target: Path, overwrite: bool) -> None:
+    """Refuse an output that cannot be written; callers run it before work, the write again."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise HeadsurgeonError(f"output '{target}' exists and is not a directory; choose another -o")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise HeadsurgeonError(f"output directory '{target}' is not empty; pass --overwrite or choose another -o")
+
+
 class _atomic_dir:
     """Write into a sibling temp dir and rename it into place, so nothing is half-written."""
 
@@ -214,10 +223,7 @@ class _atomic_dir:
         self.target, self.overwrite = Path(target), overwrite
 
     def __enter__(self) -> Path:
-        if self.target.exists() and not self.target.is_dir():
-            raise HeadsurgeonError(f"output '{self.target}' exists and is not a directory; choose another -o")
-        if self.target.is_dir() and any(self.target.iterdir()) and not self.overwrite:
-            raise HeadsurgeonError(f"output directory '{self.target}' is not empty; pass --overwrite or choose another -o")
+        check_output(self.target, self.overwrite)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=self.target.parent))
         return self.tmp
@@ -507,8 +513,8 @@ def split(model: str | nn.Module, at: Sequence[str] | str = (), heads: int = 1, 
     mutated = [False] * len(protos)
     if verify:
         whole = _segment(m, traced.train_graph, traced.eval_graph)
-        check_against_eager(m, whole, [whole], example, "the traced graph", label)
-        check_against_eager(m, lambda x: _probe_chain(protos, x, mutated), protos, example, "the cut model", label)
+        check_against_eager(m, {"the traced graph": (whole, [whole]),
+                                "the cut model": (lambda x: _probe_chain(protos, x, mutated), protos)}, example, label)
     else:
         run_both_modes(lambda x: _probe_chain(protos, x, mutated), example, m, *protos)
 
@@ -567,10 +573,8 @@ def split(model: str | nn.Module, at: Sequence[str] | str = (), heads: int = 1, 
 
 def _valid_points(m: nn.Module, names: dict[fx.Node, str]) -> list[str]:
     """Split points to suggest: timm ``feature_info`` modules that resolve, then every other path."""
-    allp = point_names(names)
-    have = set(allp)
-    feats = [f["module"] for f in getattr(m, "feature_info", []) or [] if isinstance(f, dict) and f.get("module") in have]
-    return feats + [p for p in allp if p not in feats]
+    feats = feature_points(m, names)
+    return feats + [p for p in point_names(names) if p not in feats]
 
 
 def _no_weight_decay(m: nn.Module) -> set[str]:
