@@ -93,9 +93,10 @@ def split_points(model: nn.Module, input_size: Sequence[int], all_paths: bool = 
                 new += t.numel()
         cum_params.append(cum_params[-1] + new)
 
-    paths = point_names(names)
+    modules = dict(model.named_modules())  # node qualnames of root-level ops (getattr, add) are not module paths
     chosen = feature_points(model, names)
-    extra = [p for p in paths if p not in chosen and (all_paths or p.count(".") < max_depth)]
+    extra = [p for p in point_names(names)
+             if p in modules and p not in chosen and (all_paths or p.count(".") < max_depth)]
     out = [SplitPoint(INPUT, False, _shape(torch.empty(1, *input_size)), total_params, total_flops)]
     first = {}
     for i, n in enumerate(nodes):

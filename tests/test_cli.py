@@ -52,6 +52,17 @@ def test_nodes_lists_feature_modules_first():
     assert any(ln.startswith("layer3.1 ") for ln in lines)
 
 
+def test_nodes_lists_only_real_module_paths():
+    # ViT's traced graph has root-level ops (getattr, eq, _assert) whose qualnames are not modules
+    from timm import create_model
+    res = _run("nodes", "test_vit", "--all", "--input-size", "3,32,32")
+    lines = res.output.splitlines()
+    listed = [ln.split()[0] for ln in lines[lines.index(next(l for l in lines if l.startswith("-- other"))) + 1:]]
+    modules = dict(create_model("test_vit").named_modules())
+    assert "patch_embed.proj" in listed and "head" in listed
+    assert [p for p in listed if p not in modules] == []
+
+
 def test_split_options(tmp_path):
     t = tmp_path / "t"
     _run("split", "resnet18", "--at", "input", "--heads", "2", "--no-rescale", "--branch-init", "copy",
