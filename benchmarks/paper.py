@@ -49,6 +49,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,11 @@ def _pm(m: float, s: float, d: int = 2) -> str:
     return f"{m:.{d}f}" + ("" if math.isnan(s) else f" ± {s:.{d}f}")
 
 
+def _gain(d: list[float]) -> str:
+    """Mean paired difference ± its SE (no SE from a single pair)."""
+    return f"{statistics.fmean(d):+.2f}" + ("" if len(d) < 2 else f" ± {_se(d):.2f}")
+
+
 def aggregate(cells: list[dict[str, Any]]) -> dict[str, Any]:
     """Per (row, noise): test error (%, pooled over cells = k-fold CV error when every fold is there),
     its sd over cells, and the paired difference to 'single' (same noise, fold, seed) with its SE."""
@@ -221,14 +227,14 @@ def aggregate(cells: list[dict[str, Any]]) -> dict[str, Any]:
             for what in ("deployed", "ensemble", "mean_head", "best_head"):
                 errs = [100 - c[when][what] for c in cs]
                 pooled = 100 - sum(c[when][what] * c["n_test"] for c in cs) / n_img
-                pair = [(by[(row, noise, c["fold"], c["seed"])][when][what] - by[("single", noise, c["fold"], c["seed"])][when]["deployed"])
+                pair = [c[when][what] - by[("single", noise, c["fold"], c["seed"])][when]["deployed"]
                         for c in cs if ("single", noise, c["fold"], c["seed"]) in by]
                 # paired gain over the single model's deployed accuracy: positive = fewer errors than single
                 entry[f"{when}.{what}"] = {"err": round(pooled, 3), "sd": round(_mean_sd(errs)[1], 3),
                                            "gain_vs_single": round(statistics.fmean(pair), 3) if pair else None,
                                            "se": round(_se(pair), 3) if len(pair) > 1 else None, "pairs": len(pair)}
-        seeds = sorted({c["seed"] for c in cs})
-        whole = [s for s in seeds if sum(c["seed"] == s for c in cs) == max(sum(c["seed"] == t for c in cs) for t in seeds)]
+        per = Counter(c["seed"] for c in cs)
+        whole = sorted(s for s, k in per.items() if k == max(per.values()))  # seeds with the most folds run
         if len(whole) > 1:  # per-seed CV error (all of that seed's folds pooled), sd over seeds: the paper's kind of ±
             per_seed = [100 - sum(c["best"]["deployed"] * c["n_test"] for c in cs if c["seed"] == s) /
                         sum(c["n_test"] for c in cs if c["seed"] == s) for s in whole]
@@ -301,13 +307,13 @@ def report(cells: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     lines += ["", "### the claims (paired gains in pp of test accuracy ± SE over cells; + supports the claim)", "",
               "| claim | noise | deployed | ensemble | final-epoch deployed | pairs |", "|---|---|---|---|---|---|"]
 
-    def pair(a: str, b: str, n: float, when: str, what: str, what_b: str) -> str:
+    def pair(a: str, b: str, n: float, when: str, what: str, what_b: str) -> tuple[str, int]:
         pa = {(c["fold"], c["seed"]): c[when][what] for c in cells if c["row"] == a and c["noise"] == n}
         pb = {(c["fold"], c["seed"]): c[when][what_b] for c in cells if c["row"] == b and c["noise"] == n}
         d = [pa[k] - pb[k] for k in pa if k in pb]
         if not d:
             return "–", 0
-        return (f"{statistics.fmean(d):+.2f}" + ("" if len(d) < 2 else f" ± {_se(d):.2f}")), len(d)
+        return _gain(d), len(d)
 
     tests = [("gain over single: hier4", "hier4", "single"), ("gain over single: heads2", "heads2", "single"),
              ("gain over single: inst4", "inst4", "single"), ("gain over single: inst2", "inst2", "single"),
@@ -328,7 +334,7 @@ def report(cells: list[dict[str, Any]], settings: dict[str, Any]) -> str:
         d = [(acc[(a, n, f, s)] - acc[("single", n, f, s)]) - (acc[(a, 0.0, f, s)] - acc[("single", 0.0, f, s)])
              for (r, nn, f, s) in acc if r == a and nn == n
              and all(k in acc for k in (("single", n, f, s), (a, 0.0, f, s), ("single", 0.0, f, s)))]
-        return ((f"{statistics.fmean(d):+.2f}" + ("" if len(d) < 2 else f" ± {_se(d):.2f}")) if d else "–"), len(d)
+        return (_gain(d) if d else "–"), len(d)
 
     if 0.0 in noises and len(noises) > 1:
         lines += ["", "robustness to label noise: gain over single at the noise rate minus the gain at 0 % "
