@@ -77,16 +77,12 @@ def _try_small(name: str):
 
 def _split_candidates(model) -> list[str]:
     """``feature_info`` modules that exist (Twins/MViTv2 name ``block.N`` modules that do not),
-    distinct (CoaT names one fused module for several stages); else the last stage containers."""
-    def exists(path: str) -> bool:
-        try:
-            model.get_submodule(path)
-            return True
-        except AttributeError:
-            return False
+    distinct (CoaT names one fused module for several stages); else the last stage containers.
+    (``cut.feature_points`` answers this from a trace; the sweep picks its points before tracing.)"""
+    from headsurgeon.trace import has_module
 
     feats = list(dict.fromkeys(f["module"] for f in getattr(model, "feature_info", None) or [] if isinstance(f, dict)))
-    feats = [f for f in feats if exists(f)]
+    feats = [f for f in feats if has_module(model, f)]
     if len(feats) >= 2:
         return feats
     for container in ("stages", "blocks", "layers", "features"):

@@ -14,7 +14,7 @@ from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .cut import INPUT, feature_points, last_index, point_names
-from .trace import trace
+from .trace import has_module, trace
 
 
 @dataclass
@@ -93,10 +93,9 @@ def split_points(model: nn.Module, input_size: Sequence[int], all_paths: bool = 
                 new += t.numel()
         cum_params.append(cum_params[-1] + new)
 
-    modules = dict(model.named_modules())  # node qualnames of root-level ops (getattr, add) are not module paths
     chosen = feature_points(model, names)
     extra = [p for p in point_names(names)
-             if p in modules and p not in chosen and (all_paths or p.count(".") < max_depth)]
+             if p not in chosen and (all_paths or p.count(".") < max_depth) and has_module(model, p)]
     out = [SplitPoint(INPUT, False, _shape(torch.empty(1, *input_size)), total_params, total_flops)]
     first = {}
     for i, n in enumerate(nodes):

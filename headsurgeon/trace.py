@@ -77,7 +77,7 @@ def _trace_once(model: nn.Module, name: str, leaf_modules: tuple[type, ...]) -> 
         graph = tracer.trace(model, concrete_args=concrete_args(model) or None)
     except Exception as e:
         where = getattr(e, "_headsurgeon_module", None)
-        at = f" in module '{where}' ({type(model.get_submodule(where)).__name__})" if where and _has(model, where) else ""
+        at = f" in module '{where}' ({type(model.get_submodule(where)).__name__})" if where and has_module(model, where) else ""
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HeadsurgeonError(
             f"cannot trace {name} with torch.fx{at}: {type(e).__name__}: {msg[:300]} "
@@ -86,7 +86,8 @@ def _trace_once(model: nn.Module, name: str, leaf_modules: tuple[type, ...]) -> 
     return graph, dict(tracer.node_to_qualname)
 
 
-def _has(model: nn.Module, path: str) -> bool:
+def has_module(model: nn.Module, path: str) -> bool:
+    """Whether ``path`` names a submodule (fx qualnames of root-level ops such as ``getattr`` do not)."""
     try:
         model.get_submodule(path)
         return True
