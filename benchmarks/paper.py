@@ -90,9 +90,32 @@ SETTINGS = {
 FULL = {"noise": [0.0, 0.2, 0.4], "seeds": [0, 1, 2]}
 QUICK = {"noise": [0.0, 0.4], "seeds": [0], "fold_list": [0], "epochs": 20}
 
+# Fashion-MNIST: the 10k test set is the test split (no folds); validation is a fixed, class-stratified
+# 5,000-image carve of the 60k train images (data.split_seed 0 in every cell); 25 % of the other 55,000
+# (13,750, stratified, the same images in every cell) are trained on. The narrow resnet10t takes 1-channel
+# 28 px images; output_stride 8 dilates layer3/layer4 instead of striding them, so every stage from the
+# first split point on (layer3, layer4) runs on 4x4 maps (at stride 32 they would be 2x2 and 1x1).
+FM_SETTINGS = {
+    "dataset": "fashion-mnist",
+    "val_fraction": 1 / 12,  # 500 images per class
+    "train_fraction": 0.25,  # 1,375 per class
+    "img_size": 28,
+    "batch_size": 128,
+    "epochs": 25,
+}
+FM_BASE = ["data.dataset=fashion-mnist", "data.stratify=true", "data.split_seed=0", "data.mean=[0.286]", "data.std=[0.353]",
+           "data.hflip=0.5", "model_kwargs={channels: [32, 64, 128, 256], stem_width: 16, in_chans: 1, output_stride: 8}"]
+FM_QUICK = {"noise": [0.0, 0.4], "seeds": [0], "fold_list": [0], "epochs": 3, "train_fraction": 0.05}
+STUDIES = {"digits": (SETTINGS, QUICK), "fashion-mnist": (FM_SETTINGS, FM_QUICK)}
+
 
 def overrides(row: str, noise: float, fold: int, seed: int, settings: dict[str, Any]) -> list[str]:
     """The ``--set`` pairs of one cell: the same line works with ``headsurgeon train --set ...``."""
+    if settings.get("dataset") == "fashion-mnist":
+        return [*ROWS[row], *FM_BASE, f"data.val_fraction={settings['val_fraction']!r}",
+                f"data.train_fraction={settings['train_fraction']}", f"data.img_size={settings['img_size']}",
+                f"data.batch_size={settings['batch_size']}", f"epochs={settings['epochs']}",
+                f"data.label_noise={noise}", f"data.noise_seed={seed}", f"seed={seed}"]
     return [*ROWS[row], f"data.folds={settings['folds']}", f"data.fold={fold}",
             f"data.val_fraction={settings['val_fraction']}", f"data.train_fraction={settings['train_fraction']}", f"data.img_size={settings['img_size']}",
             f"data.batch_size={settings['batch_size']}", f"epochs={settings['epochs']}",
@@ -126,7 +149,6 @@ def _fit(run: Path, recipe: dict[str, Any]) -> dict[str, Any]:
     labels it was trained on, against the true labels, and on the flipped images the share predicted
     as their wrong (noisy) label ('memorised') or their true label ('corrected'). Mean over heads."""
     import torch
-    from timm.data import resolve_data_config
 
     from headsurgeon import data as D
     from headsurgeon.tree import HeadTree
@@ -135,7 +157,7 @@ def _fit(run: Path, recipe: dict[str, Any]) -> dict[str, Any]:
     sp = D.splits(recipe)
     tr = sp.train
     clean = D.View(tr.base, tr.indices)
-    cfg = resolve_data_config(pretrained_cfg=tree.spec.get("pretrained_cfg") or {})
+    cfg = D.data_config(recipe, tree.spec.get("pretrained_cfg"), tree.spec["model_args"].get("in_chans", 3))
     ld = D.loader(clean, recipe, cfg, False, torch.device("cpu"))
     preds, truth = [], []
     with torch.no_grad():
@@ -257,8 +279,12 @@ def aggregate(cells: list[dict[str, Any]]) -> dict[str, Any]:
 def report(cells: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     agg = aggregate(cells)
     noises = sorted({c["noise"] for c in cells})
-    lines = ["Test error (%) on digits, k-fold CV: pooled over the cells run; ± is the sd over cells "
-             "(one fold of one seed each). Δ = paired accuracy gain over the single model (pp, + = better) ± its SE.", ""]
+    if settings.get("dataset") == "fashion-mnist":
+        lines = ["Test error (%) on the Fashion-MNIST test set (10,000 images): mean over the cells run; ± is the sd over "
+                 "cells (one seed each). Δ = paired accuracy gain over the single model (pp, + = better) ± its SE.", ""]
+    else:
+        lines = ["Test error (%) on digits, k-fold CV: pooled over the cells run; ± is the sd over cells "
+                 "(one fold of one seed each). Δ = paired accuracy gain over the single model (pp, + = better) ± its SE.", ""]
     for when, title in (("best", "deployed = validation-chosen epoch and head (what `headsurgeon collapse` exports)"),
                         ("final", "final epoch (no early stopping), validation-chosen head")):
         lines += [f"### {title}", ""]
@@ -365,20 +391,23 @@ def estimate(cells: list[dict[str, Any]], rows: list[str], n_noise: int, folds: 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="digits", choices=list(STUDIES),
+                    help="digits: 5-fold CV of scikit-learn's digits; fashion-mnist: the 10k test set, settings in FM_SETTINGS")
     ap.add_argument("--quick", action="store_true",
-                    help=f"every row at noise {QUICK['noise']}, fold 0, seed 0, {QUICK['epochs']} epochs (a few minutes)")
+                    help=f"every row at noise {QUICK['noise']}, fold 0, seed 0, few epochs (a few minutes)")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
     ap.add_argument("--noise", default=None, help=f"comma-separated noise fractions (default {FULL['noise']})")
-    ap.add_argument("--folds", type=int, default=SETTINGS["folds"], help="k of the k-fold partition")
-    ap.add_argument("--fold-list", default=None, help="which folds to run (default: all k)")
+    ap.add_argument("--folds", type=int, default=None, help=f"digits: k of the k-fold partition (default {SETTINGS['folds']})")
+    ap.add_argument("--fold-list", default=None, help="digits: which folds to run (default: all k)")
     ap.add_argument("--seeds", default=None, help=f"comma-separated seeds (default {FULL['seeds']})")
-    ap.add_argument("--epochs", type=int, default=None, help=f"epochs (default {SETTINGS['epochs']})")
-    ap.add_argument("--val-fraction", type=float, default=SETTINGS["val_fraction"])
-    ap.add_argument("--train-fraction", type=float, default=SETTINGS["train_fraction"])
-    ap.add_argument("--img-size", type=int, default=SETTINGS["img_size"])
-    ap.add_argument("--batch-size", type=int, default=SETTINGS["batch_size"])
+    ap.add_argument("--epochs", type=int, default=None, help="epochs (default: the study's)")
+    ap.add_argument("--val-fraction", type=float, default=None)
+    ap.add_argument("--train-fraction", type=float, default=None)
+    ap.add_argument("--img-size", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--jobs", type=int, default=1, help="cells trained at once, one thread each")
-    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/paper/full or .../quick)")
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/paper/full or .../quick for "
+                    "digits, .../fashion-mnist or .../fashion-mnist-quick)")
     ap.add_argument("--keep-runs", action="store_true", help="keep every cell's best/ and last/ checkpoints")
     ap.add_argument("--report-only", action="store_true", help="print the table from OUT/cells.jsonl and stop")
     a = ap.parse_args(argv)
@@ -387,14 +416,22 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r for r in rows if r not in ROWS]
     if bad:
         ap.error(f"unknown rows {bad}; choose from {list(ROWS)}")
-    noise = [float(x) for x in a.noise.split(",")] if a.noise else (QUICK if a.quick else FULL)["noise"]
-    seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else (QUICK if a.quick else FULL)["seeds"]
-    fold_list = ([int(x) for x in a.fold_list.split(",")] if a.fold_list else
-                 QUICK["fold_list"] if a.quick else list(range(a.folds)))
-    epochs = a.epochs or (QUICK["epochs"] if a.quick else SETTINGS["epochs"])
-    settings = {"folds": a.folds, "val_fraction": a.val_fraction, "train_fraction": a.train_fraction, "img_size": a.img_size,
-                "batch_size": a.batch_size, "epochs": epochs}
-    out = Path(a.out or ROOT / "benchmarks" / "results" / "paper" / ("quick" if a.quick else "full"))
+    base, quick = STUDIES[a.dataset]
+    digits = a.dataset == "digits"
+    noise = [float(x) for x in a.noise.split(",")] if a.noise else (quick if a.quick else FULL)["noise"]
+    seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else (quick if a.quick else FULL)["seeds"]
+    folds = (a.folds or base["folds"]) if digits else 1
+    fold_list = ([int(x) for x in a.fold_list.split(",")] if a.fold_list and digits else
+                 quick["fold_list"] if a.quick else list(range(folds)))
+    settings = dict(base)
+    given = {"folds": a.folds if digits else None, "val_fraction": a.val_fraction, "img_size": a.img_size,
+             "batch_size": a.batch_size, "epochs": a.epochs,
+             "train_fraction": a.train_fraction if a.train_fraction is not None or not a.quick else quick.get("train_fraction")}
+    if a.quick and a.epochs is None:
+        given["epochs"] = quick["epochs"]
+    settings.update({k: v for k, v in given.items() if v is not None})
+    default_out = ("quick" if a.quick else "full") if digits else a.dataset + ("-quick" if a.quick else "")
+    out = Path(a.out or ROOT / "benchmarks" / "results" / "paper" / default_out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path, cells_path = out / "config.json", out / "cells.jsonl"
     if cfg_path.exists() and json.loads(cfg_path.read_text()) != settings:
@@ -429,12 +466,12 @@ def main(argv: list[str] | None = None) -> int:
     (out / "table.md").write_text(text)
     (out / "summary.json").write_text(json.dumps({"settings": settings, "aggregate": aggregate(cells)}, indent=1) + "\n")
     print(text)
-    full_s, per = estimate(cells, list(ROWS), len(FULL["noise"]), SETTINGS["folds"], len(FULL["seeds"]),
-                           SETTINGS["epochs"], 2)
+    grid_folds = base.get("folds", 1)
+    full_s, per = estimate(cells, list(ROWS), len(FULL["noise"]), grid_folds, len(FULL["seeds"]), base["epochs"], 2)
     print("measured seconds per cell at the full grid's epochs (" + ", ".join(f"{r} {s:.0f}" for r, s in per.items()) + ")")
     if len(per) == len(ROWS):
-        print(f"estimated full grid ({len(ROWS)} rows x {len(FULL['noise'])} noise x {SETTINGS['folds']} folds x "
-              f"{len(FULL['seeds'])} seeds, {SETTINGS['epochs']} epochs): {full_s / 3600:.2f} h with --jobs 2 on 2 free cores, "
+        print(f"estimated full grid ({len(ROWS)} rows x {len(FULL['noise'])} noise x {grid_folds} folds x "
+              f"{len(FULL['seeds'])} seeds, {base['epochs']} epochs): {full_s / 3600:.2f} h with --jobs 2 on 2 free cores, "
               f"{2 * full_s / 3600:.2f} h with --jobs 1")
     return 0
 

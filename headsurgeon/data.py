@@ -1,15 +1,19 @@
 """Datasets and loaders for training: train / validation (carved from train) / test, label noise.
 
-Everything goes through timm's ``create_dataset`` / ``create_loader`` / transforms, except the
-``digits`` dataset (scikit-learn's bundled 8x8 handwritten digits, real data that needs no
-download), which is served as PIL images so the same timm transforms resize it.
+Everything goes through timm's ``create_dataset`` / ``create_loader`` / transforms, except two
+real datasets that need no download and are served as PIL images so the same timm transforms
+resize them: ``digits`` (scikit-learn's bundled 8x8 handwritten digits) and ``fashion-mnist``
+(the IDX files of Debian's ``dataset-fashion-mnist`` package, or any folder holding them).
 """
 from __future__ import annotations
 
+import gzip
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -31,7 +35,7 @@ def digits_folds(targets: Sequence[int], folds: int) -> list[int]:
 
 
 class Digits(Dataset):
-    """scikit-learn's handwritten digits as RGB PIL images (values 0..16 scaled to 0..255).
+    """scikit-learn's handwritten digits as grey PIL images (values 0..16 scaled to 0..255).
 
     Without ``folds``: a fixed 1,437 train / 360 test split. With ``folds=k``: fold ``fold`` of
     :func:`digits_folds` is the test split and the other k-1 folds are the train split.
@@ -59,7 +63,81 @@ class Digits(Dataset):
     def __getitem__(self, i: int) -> tuple[Any, int]:
         from PIL import Image
 
-        img = Image.fromarray(self.images[i], mode="L").convert("RGB")
+        img = Image.fromarray(self.images[i], mode="L")
+        return (self.transform(img) if self.transform else img), self.targets[i]
+
+
+FASHION_MNIST = "fashion-mnist"
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # where `apt-get install dataset-fashion-mnist` puts it
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot"]
+_IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_MISSING = ("install the Debian package (apt-get install dataset-fashion-mnist) or point data.root at a folder "
+            "holding the four IDX files")
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """One IDX file (gzipped or not) as a uint8 array, its header checked against its length.
+
+    The format is MNIST's big-endian IDX: 2 zero bytes, a type byte (0x08 = uint8), the number of
+    dimensions, one big-endian uint32 per dimension, then the data. We read it ourselves because
+    torchvision's ``FashionMNIST`` wants a ``FashionMNIST/raw/`` layout and downloads otherwise.
+    """
+    path = Path(path)
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise HeadsurgeonError(f"cannot read '{path}': {type(e).__name__}: {e} (a corrupt or truncated file? "
+                               f"reinstall it: {_MISSING})") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08 or raw[3] not in (1, 3):
+        raise HeadsurgeonError(f"'{path}' is not a uint8 IDX file of labels or images (bad header); {_MISSING}")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    start, count = 4 + 4 * ndim, int(np.prod(dims))
+    if len(raw) != start + count:
+        raise HeadsurgeonError(f"'{path}' holds {len(raw) - start} bytes of data but its header says {dims} "
+                               f"({count} bytes): truncated or corrupt; {_MISSING}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=start).reshape(dims)
+
+
+def _idx_path(root: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (root / name).is_file():
+            return root / name
+    raise HeadsurgeonError(f"Fashion-MNIST file '{stem}[.gz]' is missing in '{root}'; {_MISSING}")
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST (Xiao et al. 2017) from its four IDX files: 60,000 train / 10,000 test 28x28
+    grey images, 10 classes. ``split`` 'train' reads the train files; 'test', 'validation' and 't10k'
+    read the test files (our validation split is carved from train, never from these)."""
+
+    def __init__(self, split: str, root: str | os.PathLike | None = None):
+        folder = Path(root or FASHION_MNIST_ROOT)
+        if not folder.is_dir():
+            raise HeadsurgeonError(f"Fashion-MNIST folder '{folder}' does not exist; {_MISSING}")
+        which = "train" if split == "train" else "test" if split in ("test", "validation", "val", "t10k") else None
+        if which is None:
+            raise HeadsurgeonError(f"Fashion-MNIST has splits 'train' and 'test', not '{split}'; set data.train_split / "
+                                   f"data.test_split to one of them")
+        images, labels = (read_idx(_idx_path(folder, stem)) for stem in _IDX_FILES[which])
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise HeadsurgeonError(f"Fashion-MNIST '{which}' files in '{folder}' disagree: images {list(images.shape)}, "
+                                   f"labels {list(labels.shape)}; {_MISSING}")
+        if len(labels) and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
+            raise HeadsurgeonError(f"Fashion-MNIST labels in '{folder}' go up to {int(labels.max())}; expected 0..9")
+        self.images, self.targets = images, [int(t) for t in labels]
+        self.classes = list(FASHION_MNIST_CLASSES)
+        self.transform = None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        from PIL import Image
+
+        img = Image.fromarray(self.images[i], mode="L")
         return (self.transform(img) if self.transform else img), self.targets[i]
 
 
@@ -70,6 +148,8 @@ class View(Dataset):
     train and validation subsets of one base dataset need different transforms.
     Noisy labels are ``(label + offset) % C`` with a per-sample offset in 1..C-1: uniform over
     the *other* classes, without reading every sample's label up front.
+    ``mode`` converts PIL images ('L' for a 1-channel model, 'RGB' for 3): grey datasets feed
+    any model, and a colour dataset feeds an ``in_chans=1`` one.
     """
 
     def __init__(self, base: Dataset, indices: Sequence[int], offsets: dict[int, int] | None = None,
@@ -77,12 +157,15 @@ class View(Dataset):
         self.base, self.indices = base, list(indices)
         self.offsets, self.num_classes = offsets or {}, num_classes
         self.transform = None
+        self.mode = "RGB"
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         img, target = self.base[self.indices[i]]
+        if self.mode and getattr(img, "mode", self.mode) != self.mode:
+            img = img.convert(self.mode)
         if i in self.offsets:
             target = (int(target) + self.offsets[i]) % self.num_classes
         return (self.transform(img) if self.transform else img), target
@@ -104,6 +187,8 @@ class Splits:
 def _base(name: str, root: str | None, split: str, download: bool, folds: int | None = None, fold: int = 0) -> Dataset:
     if name == "digits":
         return Digits(split, folds, fold)
+    if name == FASHION_MNIST:
+        return FashionMNIST(split, root)
     from timm.data import create_dataset
 
     if root and not os.path.exists(root) and not download:
@@ -142,6 +227,36 @@ def _num_classes(ds: Dataset) -> int | None:
     return None
 
 
+def carve(ds: Dataset, val_fraction: float, train_fraction: float, seed: int,
+          stratify: bool) -> tuple[list[int], list[int]]:
+    """Validation and training indices of ``ds``: one seeded shuffle; the first ``val_fraction`` is
+    validation, then a ``train_fraction`` share of the rest is trained on. ``stratify`` does this
+    class by class (the same shuffle, each class's share rounded), so validation and the labelled
+    subset keep the train split's class proportions."""
+    n = len(ds)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    if stratify:
+        targets = getattr(ds, "targets", None)
+        if targets is None or len(targets) != n:
+            raise HeadsurgeonError("data.stratify needs a dataset that lists its labels (digits, fashion-mnist, "
+                                   "torch/...); set data.stratify=false")
+        groups: dict[int, list[int]] = {}
+        for i in order:
+            groups.setdefault(int(targets[i]), []).append(i)
+        cuts = [(g, max(1, round(val_fraction * len(g)))) for g in groups.values()]
+        val = [i for g, k in cuts for i in g[:k]]
+        train = [i for g, k in cuts for i in g[k:][:max(1, round(train_fraction * (len(g) - k)))]]
+        if any(k >= len(g) for g, k in cuts):
+            raise HeadsurgeonError(f"data.val_fraction {val_fraction} leaves a class with no training samples")
+        return sorted(val), sorted(train)
+    n_val = max(1, round(val_fraction * n))
+    if n_val >= n:
+        raise HeadsurgeonError(f"data.val_fraction {val_fraction} leaves no training samples out of {n}")
+    rest = order[n_val:]
+    keep = max(1, round(train_fraction * len(rest)))
+    return sorted(order[:n_val]), sorted(rest[:keep])  # rest is in random order: a random subset
+
+
 def splits(recipe: dict[str, Any]) -> Splits:
     """Train / validation / test views; the validation carve and the noise have fixed seeds."""
     name, root, dl = recipe["data.dataset"], recipe["data.root"], recipe["data.download"]
@@ -151,14 +266,8 @@ def splits(recipe: dict[str, Any]) -> Splits:
     classes = recipe["data.num_classes"] or _num_classes(train_base)
     if not classes:
         raise HeadsurgeonError(f"cannot tell how many classes '{name}' has; set data.num_classes")
-    n = len(train_base)
-    n_val = max(1, round(recipe["data.val_fraction"] * n))
-    if n_val >= n:
-        raise HeadsurgeonError(f"data.val_fraction {recipe['data.val_fraction']} leaves no training samples out of {n}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(recipe["data.split_seed"])).tolist()
-    rest = order[n_val:]
-    keep = max(1, round(float(recipe.get("data.train_fraction", 1.0)) * len(rest)))
-    val_idx, train_idx = sorted(order[:n_val]), sorted(rest[:keep])  # rest is in random order: a random subset
+    val_idx, train_idx = carve(train_base, recipe["data.val_fraction"], float(recipe.get("data.train_fraction", 1.0)),
+                               recipe["data.split_seed"], bool(recipe.get("data.stratify", False)))
     frac = float(recipe["data.label_noise"])
     g = torch.Generator().manual_seed(recipe["data.noise_seed"])
     flip = torch.randperm(len(train_idx), generator=g)[: round(frac * len(train_idx))].tolist()
@@ -179,17 +288,41 @@ def shard(view: View, rank: int, world: int) -> View:
         i // world: o for i, o in view.offsets.items() if i % world == rank}, view.num_classes)
 
 
+def data_config(recipe: dict[str, Any], pretrained_cfg: dict[str, Any] | None, in_chans: int = 3) -> dict[str, Any]:
+    """The preprocessing of a run: timm's ``resolve_data_config`` of the model's pretrained config,
+    with the model's channel count and the recipe's ``data.mean``/``data.std`` where given.
+
+    For a 1-channel model without ``data.mean``, the 3-channel mean/std are averaged: a 1-channel
+    tensor normalised with 3-value statistics would silently broadcast to 3 channels.
+    """
+    from timm.data import resolve_data_config
+
+    cfg = dict(resolve_data_config(pretrained_cfg=pretrained_cfg or {}))
+    size = recipe["data.img_size"]
+    cfg["input_size"] = (in_chans, size, size)
+    for key in ("mean", "std"):
+        given = recipe.get(f"data.{key}")
+        value = tuple(float(v) for v in (given if given is not None else cfg[key]))
+        if given is None and len(value) != in_chans:
+            value = (sum(value) / len(value),) * in_chans
+        if len(value) != in_chans:
+            raise HeadsurgeonError(f"data.{key} has {len(value)} values but the model takes {in_chans} channels")
+        cfg[key] = value
+    return cfg
+
+
 def loader(view: View, recipe: dict[str, Any], data_cfg: dict[str, Any], training: bool, device: torch.device,
            distributed: bool = False) -> torch.utils.data.DataLoader:
     """timm's ``create_loader`` with the recipe's augmentation; training loaders shuffle."""
     from timm.data import create_loader
 
-    size = recipe["data.img_size"]
+    size, chans = recipe["data.img_size"], data_cfg["input_size"][0]
+    view.mode = {1: "L", 3: "RGB"}.get(chans)  # other channel counts: the dataset's own images
     bs = recipe["data.batch_size"] if training else (recipe["data.eval_batch_size"] or 2 * recipe["data.batch_size"])
     if training and len(view) < bs * (2 if distributed else 1):
         raise HeadsurgeonError(f"{len(view)} training samples are fewer than one batch of {bs}; lower data.batch_size")
     return create_loader(
-        view, input_size=(3, size, size), batch_size=bs, is_training=training, no_aug=recipe["data.no_aug"],
+        view, input_size=(chans, size, size), batch_size=bs, is_training=training, no_aug=recipe["data.no_aug"],
         scale=tuple(recipe["data.scale"]), ratio=tuple(recipe["data.ratio"]), hflip=recipe["data.hflip"],
         color_jitter=recipe["data.color_jitter"], auto_augment=recipe["data.auto_augment"],
         interpolation=data_cfg.get("interpolation", "bilinear"), mean=data_cfg["mean"], std=data_cfg["std"],

@@ -48,8 +48,10 @@ SCHEMA: dict[str, Field] = {
     "split.fanout": _f(None, list, "children per fork at each split point", nullable=True),
     "split.rescale": _f(True, bool, "gradient rescaling at forks"),
     "split.branch_init": _f(None, str, "branch initialisation", choices=("independent", "copy"), nullable=True),
-    "data.dataset": _f("digits", str, "'digits', 'folder' (ImageFolder or tar at data.root), torch/cifar10, torch/cifar100, hfds/..."),
-    "data.root": _f(None, str, "dataset folder", nullable=True),
+    "data.dataset": _f("digits", str, "'digits' (embedded), 'fashion-mnist' (IDX files; Debian package dataset-fashion-mnist), "
+                       "'folder' (ImageFolder or tar at data.root), torch/cifar10, torch/cifar100, hfds/..."),
+    "data.root": _f(None, str, "dataset folder (fashion-mnist: default /usr/share/datasets/fashion-mnist, any folder "
+                    "with its four IDX files, gzipped or not)", nullable=True),
     "data.download": _f(False, bool, "let torchvision/HF datasets download"),
     "data.train_split": _f("train", str, "split to train on (validation is carved from it)"),
     "data.test_split": _f("validation", str, "held-out split for test accuracy"),
@@ -64,6 +66,8 @@ SCHEMA: dict[str, Field] = {
                               "data.split_seed) that is trained on: a smaller labelled set", lo=0, hi=1, lo_open=True,
                               hi_closed=True),
     "data.split_seed": _f(0, int, "seed of the train/validation carve", lo=0),
+    "data.stratify": _f(False, bool, "carve validation and the data.train_fraction subset class by class (the train "
+                        "split's class proportions); needs a dataset that lists its labels"),
     "data.label_noise": _f(0.0, NUM, "symmetric label-noise fraction on train", lo=0, hi=1),
     "data.noise_seed": _f(0, int, "seed of the label noise", lo=0),
     "data.batch_size": _f(64, int, "batch size per process", lo=1),
@@ -75,6 +79,9 @@ SCHEMA: dict[str, Field] = {
     "data.hflip": _f(0.0, NUM, "horizontal flip probability", lo=0, hi=1, hi_closed=True),
     "data.color_jitter": _f(0.0, NUM, "colour jitter strength", lo=0),
     "data.auto_augment": _f(None, str, "timm auto-augment string, e.g. rand-m9-mstd0.5", nullable=True),
+    "data.mean": _f(None, list, "normalisation mean per channel (default: the model's pretrained config, averaged "
+                    "over channels for a 1-channel model)", nullable=True),
+    "data.std": _f(None, list, "normalisation std per channel (default as data.mean)", nullable=True),
     "data.crop_pct": _f(1.0, NUM, "eval centre-crop fraction", lo=0, hi=1, lo_open=True, hi_closed=True),
     "loss.beta": _f(0.5, NUM, "weight of the hard (label) term", lo=0, hi=1, hi_closed=True),
     "loss.temperature": _f(2.0, NUM, "soft-target temperature", lo=0, lo_open=True),
@@ -239,7 +246,13 @@ def validate(flat: dict[str, Any], where: str = "recipe") -> dict[str, Any]:
     if out["data.folds"] is not None and out["data.fold"] >= out["data.folds"]:
         raise HeadsurgeonError(f"{where}: 'data.fold' is {out['data.fold']}; with data.folds {out['data.folds']} it must be "
                                f"0..{out['data.folds'] - 1}")
-    if out["data.dataset"] != "digits" and not out["data.root"] and not out["data.dataset"].startswith(("hfds/", "hfids/")):
+    for key in ("data.mean", "data.std"):
+        if out[key] is not None and not (out[key] and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                          for v in out[key])):
+            raise HeadsurgeonError(f"{where}: '{key}' must be a list of numbers, one per channel, e.g. [0.286]")
+    if out["data.std"] is not None and any(v <= 0 for v in out["data.std"]):
+        raise HeadsurgeonError(f"{where}: 'data.std' values must be > 0, got {out['data.std']}")
+    if out["data.dataset"] not in ("digits", "fashion-mnist") and not out["data.root"] and not out["data.dataset"].startswith(("hfds/", "hfids/")):
         raise HeadsurgeonError(f"{where}: dataset '{out['data.dataset']}' needs 'data.root' (a folder to read or download into)")
     return out
 

@@ -176,7 +176,7 @@ class _Run:
         size = r["data.img_size"]
         return split(r["model"], at=r["split.at"], heads=r["split.heads"], fanout=r["split.fanout"],
                      rescale=r["split.rescale"], branch_init=r["split.branch_init"], weights=r["weights"],
-                     seed=r["seed"], input_size=(3, size, size), **kwargs)
+                     seed=r["seed"], input_size=(kwargs.get("in_chans", 3), size, size), **kwargs)
 
     # -- checkpoints
     def _save_tree_dir(self, target: Path, model: HeadTree, extra: Callable[[Path], None] | None = None) -> None:
@@ -367,9 +367,8 @@ class _Run:
         return stats[0].item() / stats[1].item(), fit
 
     def _data_cfg(self) -> dict[str, Any]:
-        from timm.data import resolve_data_config
-
-        return resolve_data_config(pretrained_cfg=self.tree.spec.get("pretrained_cfg") or {})
+        spec = self.tree.spec
+        return D.data_config(self.recipe, spec.get("pretrained_cfg"), spec["model_args"].get("in_chans", 3))
 
     def _summary(self, history: list[dict], best: dict | None, finished: bool, wall: float) -> dict[str, Any]:
         row = history[best["epoch"] - 1]
