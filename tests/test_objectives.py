@@ -1,0 +1,446 @@
+"""The online-distillation objectives against values computed by hand.
+
+Two kinds of reference: the table of ``shared/research/objectives.md`` §10 (H=3, B=2, C=3, float64,
+printed to 6 decimals; each row pins the loss *and* the Frobenius norm of dL/dz_h per head, so a
+swapped KL direction, a missing T^2, a mean instead of a sum or a missing detach all change at least
+one number), and scalar references written here with plain Python ``math`` (one sample at a time,
+no torch), independent of the implementation.
+"""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from headsurgeon import HeadsurgeonError, collaborative_loss
+from headsurgeon import objectives as O
+
+# §10 inputs: Z[h] is head h's [B=2, C=3] logits, y = [0, 1]
+Z10 = [[[2.0, 1.0, 0.1], [0.5, 2.5, -1.0]],
+       [[1.5, 0.2, 0.3], [0.0, 1.0, 1.0]],
+       [[0.3, 1.8, -0.5], [1.2, 0.4, 2.0]]]
+Y10 = [0, 1]
+G10 = [[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]]          # ONE gate output [B, H], a fixed stand-in for the gate
+CE10 = [0.285104, 0.657720, 1.940857]               # §10 "CE per head"
+
+
+def _z10():
+    return torch.tensor(Z10, dtype=torch.float64, requires_grad=True)
+
+
+def _norms(loss, Z):
+    g = torch.autograd.grad(loss, Z, retain_graph=True)[0]
+    return [g[h].norm().item() for h in range(g.shape[0])]
+
+
+def _assert_row(loss, Z, want_loss, want_norms):
+    """A §10 row, to its printed precision (6 decimals)."""
+    assert loss.item() == pytest.approx(want_loss, abs=5e-7)
+    assert _norms(loss, Z) == pytest.approx(want_norms, abs=5e-7)
+
+
+# --- plain-Python scalar references (one sample; lists of floats) -----------------------------------
+
+def _lse(v):
+    m = max(v)
+    return m + math.log(sum(math.exp(a - m) for a in v))
+
+
+def _logsm(v, T=1.0):
+    s = [a / T for a in v]
+    lse = _lse(s)
+    return [a - lse for a in s]
+
+
+def _ce(z, y):
+    return _lse(z) - z[y]
+
+
+def _kl(student, teacher, T):
+    """T^2 KL(softmax(teacher/T) || softmax(student/T)) for one sample."""
+    lq, lp = _logsm(teacher, T), _logsm(student, T)
+    return T * T * sum(math.exp(a) * (a - b) for a, b in zip(lq, lp))
+
+
+def _batch(fn, Z, y):
+    """Mean over the batch of a per-sample scalar reference fn([z_h[b] for h], y[b])."""
+    B = len(y)
+    return sum(fn([Z[h][b] for h in range(len(Z))], y[b]) for b in range(B)) / B
+
+
+def _dml_ref(zs, y, T):
+    H = len(zs)
+    return sum(_ce(zs[i], y) + sum(_kl(zs[i], zs[j], T) for j in range(H) if j != i) / (H - 1) for i in range(H))
+
+
+def _one_ref(zs, y, g, T):
+    H, C = len(zs), len(zs[0])
+    zt = [sum(g[i] * zs[i][c] for i in range(H)) for c in range(C)]
+    return sum(_ce(z, y) for z in zs) + _ce(zt, y) + sum(_kl(z, zt, T) for z in zs)
+
+
+def _kdcl_ref(zs, y, T):
+    C = len(zs[0])
+    zt = [min(z[c] - z[y] for z in zs) for c in range(C)]
+    return sum(_ce(z, y) + _kl(z, zt, T) for z in zs)
+
+
+def _rand(heads, B=3, C=5, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, C, generator=g, dtype=dtype) for _ in range(heads)]
+
+
+# --- registry --------------------------------------------------------------------------------------
+
+def test_registry_and_describe():
+    assert set(O.OBJECTIVES) >= {"cl", "dml", "one", "kdcl"}
+    for name, cls in O.OBJECTIVES.items():
+        obj = O.get(name)
+        assert isinstance(obj, cls) and obj.name == name
+        d = obj.describe()
+        assert d["name"] == name and json.loads(json.dumps(d)) == d
+    assert O.get("one", temperature=4.0, ramp=80).describe() == {
+        "name": "one", "temperature": 4.0, "ramp": 80, "eps": 0.0, "label_smoothing": 0.0}
+    assert O.get("cl").describe() == {"name": "cl", "beta": 0.5, "temperature": 2.0, "t2": False,
+                                      "label_smoothing": 0.0}
+    # defaults: DML's paper T=1, ONE's official T=3
+    assert O.get("dml").temperature == 1.0 and O.get("one").temperature == 3.0
+
+
+def test_registry_errors():
+    with pytest.raises(HeadsurgeonError, match="unknown objective 'nope'.*cl, dml, kdcl, one"):
+        O.get("nope")
+    with pytest.raises(HeadsurgeonError, match="no parameter beta.*temperature"):
+        O.get("dml", beta=0.5)
+    with pytest.raises(HeadsurgeonError, match="temperature"):
+        O.get("kdcl", temperature=0)
+    with pytest.raises(HeadsurgeonError, match="beta"):
+        O.get("cl", beta=1.5)
+    with pytest.raises(HeadsurgeonError, match="ramp"):
+        O.get("one", ramp=-1)
+    with pytest.raises(HeadsurgeonError, match="registered twice"):
+        O.register(O.DML)
+
+
+# --- cl: bit for bit today's collaborative_loss ---------------------------------------------------
+
+def _collaborative_loss_v0(logits, target, beta=0.5, temperature=2.0, t2=False, label_smoothing=0.0):
+    """headsurgeon.loss.collaborative_loss as of commit ca9caa1, frozen here (validation omitted)."""
+    logits = [z.to(torch.promote_types(z.dtype, torch.float32)) for z in logits]
+    heads = len(logits)
+    hard = [F.cross_entropy(z, target, label_smoothing=label_smoothing) for z in logits]
+    if heads == 1:
+        return hard[0]
+    scale = temperature * temperature if t2 else 1.0
+    total = torch.stack(logits).sum(0).detach()
+    loss = logits[0].new_zeros(())
+    for z, ce in zip(logits, hard):
+        q = F.softmax((total - z.detach()) / (heads - 1) / temperature, dim=1)
+        soft = -(q * F.log_softmax(z / temperature, dim=1)).sum(1).mean()
+        loss = loss + beta * ce + (1.0 - beta) * scale * soft
+    return loss
+
+
+@pytest.mark.parametrize("heads,beta,T,t2,ls,dtype", [
+    (1, 0.5, 2.0, False, 0.0, torch.float32), (1, 0.5, 2.0, False, 0.1, torch.float32),
+    (2, 0.5, 2.0, False, 0.0, torch.float32), (3, 0.3, 3.0, True, 0.1, torch.float32),
+    (4, 0.7, 1.5, False, 0.0, torch.float64), (4, 0.5, 2.0, True, 0.0, torch.bfloat16),
+    (3, 0.5, 2.0, False, 0.0, torch.float16)])
+def test_cl_is_collaborative_loss_bit_for_bit(heads, beta, T, t2, ls, dtype):
+    y = torch.tensor([0, 3, 4])
+    kw = dict(beta=beta, temperature=T, t2=t2, label_smoothing=ls)
+    zs = [z.to(dtype).requires_grad_() for z in _rand(heads, seed=heads, dtype=torch.float32)]
+    want = _collaborative_loss_v0(zs, y, **kw)
+    want_g = torch.autograd.grad(want, zs)
+    for got in (O.get("cl", **kw)(zs, y).loss, collaborative_loss(zs, y, **kw)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+        assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(got, zs), want_g))
+
+
+def test_cl_reference_row_and_terms():
+    Z = _z10()
+    out = O.get("cl", beta=0.5, temperature=2.0)(list(Z), torch.tensor(Y10))
+    _assert_row(out.loss, Z, 3.266272, [0.097374, 0.217883, 0.461195])      # §10 "CL paper form"
+    assert [h.item() for h in out.hard] == pytest.approx(CE10, abs=5e-7)
+    # loss = sum_i beta hard_i + (1 - beta) soft_i; soft_i is the soft cross-entropy H(q_i, p_i), checked by hand
+    assert out.loss.item() == pytest.approx(sum(0.5 * h + 0.5 * s for h, s in zip(out.hard, out.soft)).item(), abs=1e-12)
+
+    def soft_ref(zs, y, i, T=2.0):
+        other = [sum(zs[j][c] for j in range(3) if j != i) / 2 for c in range(3)]
+        lq, lp = _logsm(other, T), _logsm(zs[i], T)
+        return -sum(math.exp(a) * b for a, b in zip(lq, lp))
+    for i in range(3):
+        assert out.soft[i].item() == pytest.approx(_batch(lambda zs, y: soft_ref(zs, y, i), Z10, Y10), abs=1e-12)
+    # t2 scales the logged soft term too
+    out2 = O.get("cl", temperature=2.0, t2=True)(list(Z), torch.tensor(Y10))
+    assert [s.item() for s in out2.soft] == pytest.approx([4 * s.item() for s in out.soft], rel=1e-12)
+
+
+# --- dml -------------------------------------------------------------------------------------------
+
+def test_dml_reference_rows():
+    Z, y = _z10(), torch.tensor(Y10)
+    # §10 "DML paper 1/(K-1)", T=1: the issue's form (the official code's sum gives 7.009537)
+    _assert_row(O.get("dml")(list(Z), y).loss, Z, 4.946609, [0.324912, 0.458555, 1.275163])
+    # §10 "DML MCL-OKD (T=2, /(H-1))": T^2 applied at T != 1 (without it the loss would be lower)
+    _assert_row(O.get("dml", temperature=2.0)(list(Z), y).loss, Z, 5.278480, [0.415581, 0.501295, 1.313302])
+    # §10 "DML-TF per-head losses" sum the H-1 = 2 peer KLs: CE_i + 2 * soft_i
+    out = O.get("dml")(list(Z), y)
+    per = [(h + 2 * s).item() for h, s in zip(out.hard, out.soft)]
+    assert per == pytest.approx([2.025970, 1.448107, 3.535460], abs=5e-7)
+    assert [h.item() for h in out.hard] == pytest.approx(CE10, abs=5e-7)
+
+
+@pytest.mark.parametrize("heads,T", [(2, 1.0), (3, 2.0), (4, 3.0)])
+def test_dml_matches_plain_python(heads, T):
+    zs, y = _rand(heads, seed=10 + heads), [0, 3, 4]
+    want = _batch(lambda z, t: _dml_ref(z, t, T), [z.tolist() for z in zs], y)
+    assert O.get("dml", temperature=T)(zs, torch.tensor(y)).loss.item() == pytest.approx(want, abs=1e-12)
+
+
+def test_dml_two_heads_by_hand():
+    # z0 = (0, 0), z1 = (1, 0), y = 0, T = 1; s = sigmoid(1): p0 = (1/2, 1/2), p1 = (s, 1 - s)
+    # head 0: CE = log 2,         KL(p1 || p0) = s log(2s) + (1-s) log(2(1-s))
+    # head 1: CE = log(1 + e^-1), KL(p0 || p1) = 1/2 log(1/(2s)) + 1/2 log(1/(2(1-s)))
+    s = 1 / (1 + math.exp(-1))
+    want = (math.log(2) + s * math.log(2 * s) + (1 - s) * math.log(2 * (1 - s))
+            + math.log(1 + math.exp(-1)) - 0.5 * math.log(2 * s) - 0.5 * math.log(2 * (1 - s)))
+    got = O.get("dml")([torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 0.0]])], torch.tensor([0]))
+    assert got.loss.item() == pytest.approx(want, abs=1e-6)
+
+
+def test_dml_peers_are_detached():
+    # dL/dz_i = (softmax(z_i) - onehot)/B + T^2 (1/(H-1)) sum_{j!=i} (p_i - p_j)/(T B): only head i's own terms;
+    # head j's KL toward p_i sends nothing into z_i. Without the detach each z_i would also get
+    # -T (1/(H-1)) sum_j d KL(p_i||p_j)/dz_i, which is not zero here.
+    H, B, C, T = 3, 2, 4, 2.0
+    zs = [z.requires_grad_() for z in _rand(H, B, C, seed=3)]
+    y = torch.tensor([2, 1])
+    O.get("dml", temperature=T)(zs, y).loss.backward()
+    for i, z in enumerate(zs):
+        p = [F.softmax(zj.detach() / T, 1) for zj in zs]
+        want = (F.softmax(z.detach(), 1) - F.one_hot(y, C)) / B
+        want = want + T * T * sum(p[i] - p[j] for j in range(H) if j != i) / (H - 1) / (T * B)
+        assert torch.allclose(z.grad, want, atol=1e-12)
+
+
+# --- one -------------------------------------------------------------------------------------------
+
+def test_one_reference_rows():
+    Z, y, g = _z10(), torch.tensor(Y10), torch.tensor(G10, dtype=torch.float64)
+    # §10 "ONE (official, w=1)", with the official eps = 1e-7 in the teacher probabilities
+    out = O.get("one", eps=1e-7).from_weights(list(Z), y, g)
+    _assert_row(out.loss, Z, 4.713195, [0.417225, 0.489414, 1.308464])
+    # "ONE but teacher NOT detached" has the same loss but norms 0.329748, 0.531326, 1.441761: the row above
+    # rejects that; so it does a missing T^2 (T=3) and a mean over heads
+    # teacher z_e = [[1.51, 0.92, 0.04], [0.82, 0.94, 1.20]] (§10); its CE by hand
+    assert out.extra["teacher_ce"].item() == pytest.approx(
+        (_ce([1.51, 0.92, 0.04], 0) + _ce([0.82, 0.94, 1.20], 1)) / 2, abs=1e-12)
+    assert [h.item() for h in out.hard] == pytest.approx(CE10, abs=5e-7)
+    assert out.loss.item() == pytest.approx((sum(out.hard) + out.extra["teacher_ce"] + sum(out.soft)).item(), abs=1e-12)
+    # §10 "ONE (official, epoch 0, w=e^-5)": the 80-epoch ramp at epoch index 0
+    one = O.get("one", eps=1e-7, ramp=80)
+    one.set_epoch(0)
+    _assert_row(one.from_weights(list(Z), y, g).loss, Z, 3.758702, [0.391661, 0.542596, 1.014593])
+    # eps = 0 (our default) moves the loss by 8.4e-6 (§8.4) and keeps the gradients to 6 decimals
+    plain = O.get("one").from_weights(list(Z), y, g).loss
+    assert out.loss.item() - plain.item() == pytest.approx(8.4e-6, abs=1e-7)
+    assert _norms(plain, Z) == pytest.approx([0.417225, 0.489414, 1.308464], abs=5e-7)
+
+
+def test_ramp_weight():
+    assert O.ramp_weight(0, 80) == pytest.approx(math.exp(-5))
+    assert O.ramp_weight(40, 80) == pytest.approx(0.286505, abs=5e-7)            # §1
+    assert O.ramp_weight(80, 80) == O.ramp_weight(300, 80) == O.ramp_weight(0, 0) == 1.0
+    one = O.get("one", ramp=80)
+    assert one.soft_weight == pytest.approx(math.exp(-5))
+    one.set_epoch(40)
+    assert one.soft_weight == pytest.approx(0.286505, abs=5e-7)
+
+
+@pytest.mark.parametrize("heads,T", [(2, 1.0), (3, 3.0), (4, 2.0)])
+def test_one_matches_plain_python(heads, T):
+    zs, y = _rand(heads, seed=20 + heads), [0, 3, 4]
+    g = torch.softmax(torch.randn(3, heads, generator=torch.Generator().manual_seed(1), dtype=torch.float64), 1)
+    want = sum(_one_ref([z[b].tolist() for z in zs], y[b], g[b].tolist(), T) for b in range(3)) / 3
+    got = O.get("one", temperature=T).from_weights(zs, torch.tensor(y), g)
+    assert got.loss.item() == pytest.approx(want, abs=1e-12)
+
+
+def test_one_gate_gets_only_the_teacher_ce_gradient():
+    torch.manual_seed(0)
+    H, B, C, D = 3, 4, 5, 6
+    one = O.get("one")
+    gate = one.make_modules(D, H)
+    assert isinstance(gate, O.OneGate) and one.needs_features
+    with torch.no_grad():                         # away from the zero init, so the gate is not symmetric
+        gate.fc.weight.normal_()
+        gate.fc.bias.normal_()
+    feats = torch.randn(B, D, 3, 3)
+    zs = [torch.randn(B, C, dtype=torch.float64, requires_grad=True) for _ in range(H)]
+    y = torch.tensor([0, 1, 2, 3])
+    params = list(gate.parameters())
+    got = torch.autograd.grad(one(zs, y, feats, gate).loss, params)
+    # the gate's gradient is exactly that of CE(y, z_t) alone: the KL does not reach it
+    w = gate(feats).double()
+    want = torch.autograd.grad(F.cross_entropy(sum(w[:, i:i + 1] * z for i, z in enumerate(zs)), y), params)
+    for a, b in zip(got, want):
+        assert a.abs().sum() > 1e-3                      # CE(y, z_t) does reach the gate
+        assert torch.allclose(a, b.to(a.dtype), atol=1e-6)
+    # and the KL sends nothing into the teacher's heads: dL/dz_i = own CE + g_i * d CE(z_t)/dz_t + own KL
+    out = one(zs, y, feats, gate)
+    grads = torch.autograd.grad(out.loss, zs)
+    zt = sum(w[:, i:i + 1] * z for i, z in enumerate(zs)).detach()
+    q = F.softmax(zt / 3, 1)
+    for i, z in enumerate(zs):
+        want = (F.softmax(z.detach(), 1) - F.one_hot(y, C)) / B
+        want = want + w[:, i:i + 1].detach() * (F.softmax(zt, 1) - F.one_hot(y, C)) / B
+        want = want + 9 * (F.softmax(z.detach() / 3, 1) - q) / (3 * B)
+        assert torch.allclose(grads[i], want, atol=1e-6)
+
+
+def test_one_gate_pools_every_layout():
+    gate = O.OneGate(4, 3)
+    assert torch.equal(gate(torch.randn(2, 4)), torch.full((2, 3), 1 / 3))        # zero init: the plain average
+    with torch.no_grad():
+        gate.fc.weight.normal_()
+    x = torch.randn(2, 4, 5, 6)                                                  # NCHW
+    want = F.softmax(gate.fc(x.mean((2, 3))), 1)
+    for feats in (x, x.permute(0, 2, 3, 1), x.flatten(2).transpose(1, 2), x.mean((2, 3))):  # NHWC, NLC, 2-D
+        assert torch.allclose(gate(feats), want, atol=1e-6)
+    assert torch.allclose(want.sum(1), torch.ones(2))
+    with pytest.raises(HeadsurgeonError, match="OneGate"):
+        gate(torch.randn(2, 7, 5, 6))
+    with pytest.raises(HeadsurgeonError, match="features"):
+        O.get("one")([torch.randn(2, 3)] * 2, torch.tensor([0, 1]))
+    with pytest.raises(HeadsurgeonError, match=r"\[B, H\]"):
+        O.get("one").from_weights([torch.randn(2, 3)] * 2, torch.tensor([0, 1]), torch.ones(2, 3))
+    assert O.get("one").make_modules(4, 1) is None
+    assert all(O.get(n).make_modules(4, 3) is None for n in ("cl", "dml", "kdcl"))
+
+
+# --- kdcl ------------------------------------------------------------------------------------------
+
+def test_kdcl_reference_rows():
+    Z, y = _z10(), torch.tensor(Y10)
+    kdcl = O.get("kdcl")
+    # teacher by hand: per class min over heads of z_h,c - z_h,y
+    t = kdcl.teacher(list(Z), y)
+    assert torch.allclose(t, torch.tensor([[0.0, -1.3, -1.9], [-2.0, 0.0, -3.5]], dtype=t.dtype), rtol=0, atol=1e-12)
+    # §10 "KDCL-MinLogit (T=3)"; the mean-logit teacher would give 3.722392, no detach other norms
+    _assert_row(kdcl(list(Z), y).loss, Z, 4.809989, [0.264829, 0.807864, 1.472377])
+
+
+@pytest.mark.parametrize("heads,T", [(2, 1.0), (3, 3.0), (4, 2.0)])
+def test_kdcl_matches_plain_python(heads, T):
+    zs, y = _rand(heads, seed=30 + heads), [0, 3, 4]
+    want = _batch(lambda z, t: _kdcl_ref(z, t, T), [z.tolist() for z in zs], y)
+    assert O.get("kdcl", temperature=T)(zs, torch.tensor(y)).loss.item() == pytest.approx(want, abs=1e-12)
+
+
+def test_kdcl_teacher_is_detached():
+    # dL/dz_i = (softmax(z_i) - onehot)/B + T^2 (p_i - q)/(T B): the teacher (built from every head) sends nothing back
+    H, B, C, T = 3, 2, 4, 3.0
+    zs = [z.requires_grad_() for z in _rand(H, B, C, seed=4)]
+    y = torch.tensor([2, 1])
+    O.get("kdcl", temperature=T)(zs, y).loss.backward()
+    q = F.softmax(O.KDCL().teacher([z.detach() for z in zs], y) / T, 1)
+    for z in zs:
+        want = (F.softmax(z.detach(), 1) - F.one_hot(y, C)) / B + T * (F.softmax(z.detach() / T, 1) - q) / B
+        assert torch.allclose(z.grad, want, atol=1e-12)
+
+
+# --- every objective -------------------------------------------------------------------------------
+
+def _call(name, zs, y, **kw):
+    """Every objective called the trainer's way; ONE with a fixed random gate on fixed features."""
+    obj = O.get(name, **kw)
+    if name != "one" or len(zs) == 1:
+        return obj(zs, y)
+    gate = obj.make_modules(4, len(zs))
+    with torch.no_grad():
+        gate.fc.weight.copy_(torch.randn(len(zs), 4, generator=torch.Generator().manual_seed(5)))
+    return obj(zs, y, torch.linspace(-1, 1, zs[0].shape[0] * 4 * 9).view(-1, 4, 3, 3), gate)
+
+
+NAMES = ["cl", "dml", "one", "kdcl"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+def test_one_head_is_cross_entropy(name, ls):
+    z, y = torch.randn(4, 6), torch.tensor([1, 2, 3, 0])
+    out = _call(name, [z], y, label_smoothing=ls)
+    assert torch.equal(out.loss, F.cross_entropy(z, y, label_smoothing=ls))
+    assert len(out.hard) == len(out.soft) == 1 and out.soft[0].item() == 0.0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_hot_soft_targets_equal_index_targets(name):
+    zs = [z.requires_grad_() for z in _rand(3, B=4, C=5, seed=7)]
+    y = torch.tensor([0, 3, 4, 1])
+    for ls in (0.0, 0.1):
+        a = _call(name, zs, y, label_smoothing=ls)
+        b = _call(name, zs, F.one_hot(y, 5).double(), label_smoothing=ls)
+        assert torch.allclose(a.loss, b.loss, rtol=0, atol=1e-12)
+        for ga, gb in zip(torch.autograd.grad(a.loss, zs), torch.autograd.grad(b.loss, zs)):
+            assert torch.allclose(ga, gb, rtol=0, atol=1e-12)
+        for ta, tb in zip(a.hard + a.soft, b.hard + b.soft):
+            assert torch.allclose(ta, tb, rtol=0, atol=1e-12)
+    # float32 soft targets with float64 logits are cast, not rejected
+    assert torch.allclose(_call(name, zs, F.one_hot(y, 5).float()).loss, _call(name, zs, y).loss, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_mixed_soft_targets(name):
+    # a mixup target lam * onehot(a) + (1 - lam) * onehot(b): each hard term is lam CE(a) + (1 - lam) CE(b)
+    zs = _rand(3, B=4, C=5, seed=8)
+    a, b, lam = torch.tensor([0, 3, 4, 1]), torch.tensor([2, 2, 0, 4]), 0.7
+    soft = lam * F.one_hot(a, 5).double() + (1 - lam) * F.one_hot(b, 5).double()
+    out = _call(name, zs, soft)
+    for z, h in zip(zs, out.hard):
+        assert h.item() == pytest.approx(lam * F.cross_entropy(z, a).item() + (1 - lam) * F.cross_entropy(z, b).item(),
+                                         abs=1e-12)
+    if name == "kdcl":   # its teacher re-references each head at the expected target logit
+        want = torch.stack([z - (lam * z.gather(1, a[:, None]) + (1 - lam) * z.gather(1, b[:, None])) for z in zs])
+        assert torch.allclose(O.KDCL().teacher(zs, soft), want.min(0).values, atol=1e-12)
+    with pytest.raises(HeadsurgeonError, match="soft targets"):
+        _call(name, zs, soft[:, :4])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_logits_are_promoted(name, dtype):
+    zs = [z.to(dtype) for z in _rand(3, B=4, C=5, seed=9, dtype=torch.float32)]
+    y = torch.tensor([0, 3, 4, 1])
+    half = _call(name, [z.requires_grad_() for z in zs], y)
+    full = _call(name, [z.float() for z in zs], y)
+    assert half.loss.dtype == torch.float32 and torch.equal(half.loss, full.loss)
+    half.loss.backward()                                      # gradients flow back into the half-precision logits
+    assert all(z.grad is not None and z.grad.dtype == dtype for z in zs)
+
+
+def test_one_gate_weights_in_half_precision_are_promoted():
+    zs, y = _rand(3, B=2, C=3, seed=2, dtype=torch.float32), torch.tensor([0, 1])
+    g = torch.tensor(G10, dtype=torch.bfloat16)
+    got = O.get("one").from_weights(zs, y, g)
+    assert got.loss.dtype == torch.float32
+    assert torch.equal(got.loss, O.get("one").from_weights(zs, y, g.float()).loss)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logged_terms_are_detached_and_sum_over_heads(name):
+    zs = [z.requires_grad_() for z in _rand(4, seed=11)]
+    y = torch.tensor([0, 3, 4])
+    out = _call(name, zs, y)
+    assert len(out.hard) == len(out.soft) == 4
+    assert not any(t.requires_grad for t in [*out.hard, *out.soft, *out.extra.values()])
+    log = out.log()
+    assert json.loads(json.dumps(log)) == log and len(log["hard"]) == 4
+    # four identical heads: the loss is H times one head's (a sum over heads, not a mean)
+    same = _call(name, [zs[0]] * 4, y)
+    one_head = same.loss.item() - sum(v.item() for v in same.extra.values())
+    w = 0.5 if name == "cl" else 1.0
+    assert one_head == pytest.approx(4 * (w * same.hard[0] + w * same.soft[0]).item(), rel=1e-12)
+    assert same.hard[0].item() == pytest.approx(F.cross_entropy(zs[0], y).item(), abs=1e-12)
