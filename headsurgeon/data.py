@@ -297,8 +297,8 @@ def data_config(recipe: dict[str, Any], pretrained_cfg: dict[str, Any] | None, i
     """
     from timm.data import resolve_data_config
 
-    cfg = dict(resolve_data_config(pretrained_cfg=pretrained_cfg or {}))
     size = recipe["data.img_size"]
+    cfg = dict(resolve_data_config(args={"img_size": size}, pretrained_cfg=pretrained_cfg or {}))
     cfg["input_size"] = (in_chans, size, size)
     for key in ("mean", "std"):
         given = recipe.get(f"data.{key}")
