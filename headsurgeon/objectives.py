@@ -3,9 +3,15 @@
 Every objective is called the same way by the training loop::
 
     objective = get("one", temperature=3.0)              # or OBJECTIVES["one"](temperature=3.0)
-    extra = objective.make_modules(feature_channels, heads)   # None, or an nn.Module to optimise and checkpoint
-    out = objective(logits, target, features, extra)     # features: the trunk output at the first fork
+    extra = objective.make_modules(channels, heads, num_classes)  # None, or an nn.Module to optimise and checkpoint
+    objective.set_epoch(epoch)                           # at the start of every epoch (ramp-ups)
+    out = objective(logits, target, features, extra, mean_logits)
     out.loss.backward()                                  # out.hard / out.soft / out.extra: detached, for logging
+
+What ``features`` is, is the class attribute ``feature_source``: None (cl, dml, kdcl: pass nothing),
+``"fork"`` (one: the trunk output at the first fork, a tensor) or ``"heads"`` (pcl: a list of every
+head's pre-logits features). ``mean_logits`` (``needs_mean_logits``, pcl only) are the heads' logits
+under the temporal-mean (EMA) weights of the tree, on the same batch.
 
 ``logits`` is the tree's list of per-head ``[B, C]`` tensors. ``target`` is either class indices
 ``[B]`` or soft targets ``[B, C]`` (probabilities, as timm's ``Mixup`` makes them); with one-hot
@@ -32,7 +38,8 @@ import torch.nn.functional as F
 
 from .errors import HeadsurgeonError
 
-__all__ = ["OBJECTIVES", "CL", "DML", "KDCL", "LossOut", "ONE", "Objective", "OneGate", "get", "register"]
+__all__ = ["OBJECTIVES", "CL", "DML", "KDCL", "LossOut", "ONE", "Objective", "OneGate", "PCL", "PeerEnsemble", "get",
+           "register"]
 
 OBJECTIVES: dict[str, type["Objective"]] = {}
 
@@ -66,7 +73,7 @@ class LossOut:
     ``loss``: the scalar to backpropagate. ``hard[i]``: CE(y, z_i); ``soft[i]``: head i's
     distillation term (zero with one head); both unweighted, detached 0-dim tensors (call
     ``.item()`` only when logging, to avoid a device sync per step). ``extra``: other detached
-    terms that enter the loss, by name (ONE: ``teacher_ce``).
+    terms that enter the loss, by name (ONE, PCL: ``teacher_ce``, the CE of their learned teacher).
     """
     loss: torch.Tensor
     hard: list[torch.Tensor]
@@ -146,8 +153,11 @@ class Objective:
     """Base class. Subclasses are dataclasses whose fields are their parameters."""
 
     name: ClassVar[str] = ""
-    #: whether ``__call__`` needs the trunk features at the first fork (and ``make_modules``' module)
-    needs_features: ClassVar[bool] = False
+    #: what ``features`` must be: None (nothing), "fork" (the trunk output at the first fork) or
+    #: "heads" (the list of every head's pre-logits features)
+    feature_source: ClassVar[str | None] = None
+    #: whether ``mean_logits`` (the EMA tree's per-head logits on the batch) must be passed
+    needs_mean_logits: ClassVar[bool] = False
 
     def __post_init__(self):
         self.epoch = 0
@@ -166,7 +176,7 @@ class Objective:
         """``{"name": ..., **parameters}``, JSON-serialisable, for summary.json and the model card."""
         return {"name": self.name, **asdict(self)}
 
-    def make_modules(self, feature_channels: int, heads: int) -> nn.Module | None:
+    def make_modules(self, feature_channels: int, heads: int, num_classes: int | None = None) -> nn.Module | None:
         """Learned parts besides the heads (the trainer optimises and checkpoints them; they are never
         part of a collapsed model), or None."""
         return None
@@ -181,7 +191,10 @@ class Objective:
         return ramp_weight(self.epoch, getattr(self, "ramp", 0))
 
     def __call__(self, logits: Sequence[torch.Tensor], target: torch.Tensor,
-                 features: torch.Tensor | None = None, modules: nn.Module | None = None) -> LossOut:
+                 features: torch.Tensor | None = None, modules: nn.Module | None = None,
+                 mean_logits: Sequence[torch.Tensor] | None = None) -> LossOut:
+        """The loss. ``features``/``modules``: the input of and the module from :meth:`make_modules`
+        (ONE, PCL); ``mean_logits``: the temporal-mean (EMA) heads' logits (PCL). Others ignore them."""
         raise NotImplementedError
 
     def _single(self, logits: list[torch.Tensor], target: torch.Tensor) -> LossOut:
@@ -219,7 +232,7 @@ class CL(Objective):
             raise HeadsurgeonError(f"beta must be in [0, 1], got {self.beta}")
         super().__post_init__()
 
-    def __call__(self, logits, target, features=None, modules=None) -> LossOut:
+    def __call__(self, logits, target, features=None, modules=None, mean_logits=None) -> LossOut:
         beta, temperature = self.beta, self.temperature
         logits = _check(logits, target, "collaborative_loss")
         heads = len(logits)
@@ -258,7 +271,7 @@ class DML(Objective):
     ramp: int = 0
     label_smoothing: float = 0.0
 
-    def __call__(self, logits, target, features=None, modules=None) -> LossOut:
+    def __call__(self, logits, target, features=None, modules=None, mean_logits=None) -> LossOut:
         logits = _check(logits, target, "dml")
         if len(logits) == 1:
             return self._single(logits, target)
@@ -269,6 +282,23 @@ class DML(Objective):
                 for i, z in enumerate(logits)]
         loss = sum(h + w * s for h, s in zip(hard, soft))
         return LossOut(loss, _detached(hard), _detached(soft))
+
+
+def pool_features(x: torch.Tensor, channels: int, who: str = "pool_features") -> torch.Tensor:
+    """``[B, channels]`` from ``[B, channels]``, ``[B, L, channels]`` tokens (mean over all tokens),
+    ``[B, channels, H, W]`` (NCHW) or ``[B, H, W, channels]`` (NHWC, when dim 1 is not ``channels``)."""
+    c = channels
+    if x.dim() == 4:
+        if x.shape[1] == c:
+            x = x.mean((2, 3))
+        elif x.shape[-1] == c:
+            x = x.mean((1, 2))
+    elif x.dim() == 3 and x.shape[-1] == c:
+        x = x.mean(1)
+    if x.dim() != 2 or x.shape[1] != c:
+        raise HeadsurgeonError(f"{who} takes [B, {c}], [B, L, {c}] tokens or [B, {c}, H, W] / [B, H, W, {c}] "
+                               f"features, got {tuple(x.shape)}")
+    return x
 
 
 class OneGate(nn.Module):
@@ -296,18 +326,7 @@ class OneGate(nn.Module):
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in_features]`` from a 2-D, 3-D (tokens, NLC) or 4-D (NCHW or NHWC) feature."""
-        c = self.in_features
-        if x.dim() == 4:
-            if x.shape[1] == c:
-                x = x.mean((2, 3))
-            elif x.shape[-1] == c:
-                x = x.mean((1, 2))
-        elif x.dim() == 3 and x.shape[-1] == c:
-            x = x.mean(1)
-        if x.dim() != 2 or x.shape[1] != c:
-            raise HeadsurgeonError(f"OneGate({c}, {self.heads}) takes [B, {c}], [B, L, {c}] tokens or "
-                                   f"[B, {c}, H, W] / [B, H, W, {c}] features, got {tuple(x.shape)}")
-        return x
+        return pool_features(x, self.in_features, f"OneGate({self.in_features}, {self.heads})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.softmax(self.fc(self.pool(x)), dim=1)
@@ -333,16 +352,16 @@ class ONE(Objective):
     output. With one head: plain CE, no gate.
     """
     name: ClassVar[str] = "one"
-    needs_features: ClassVar[bool] = True
+    feature_source: ClassVar[str | None] = "fork"
     temperature: float = 3.0
     ramp: int = 0
     eps: float = 0.0
     label_smoothing: float = 0.0
 
-    def make_modules(self, feature_channels: int, heads: int) -> nn.Module | None:
+    def make_modules(self, feature_channels: int, heads: int, num_classes: int | None = None) -> nn.Module | None:
         return OneGate(feature_channels, heads) if heads > 1 else None
 
-    def __call__(self, logits, target, features=None, modules=None) -> LossOut:
+    def __call__(self, logits, target, features=None, modules=None, mean_logits=None) -> LossOut:
         if len(logits) == 1:
             return self._single(_check(logits, target, "one"), target)
         if features is None or modules is None:
@@ -393,7 +412,7 @@ class KDCL(Objective):
         """The MinLogit teacher ``[B, C]`` (not detached)."""
         return torch.stack([z - target_logit(z, target) for z in logits]).min(0).values
 
-    def __call__(self, logits, target, features=None, modules=None) -> LossOut:
+    def __call__(self, logits, target, features=None, modules=None, mean_logits=None) -> LossOut:
         logits = _check(logits, target, "kdcl")
         if len(logits) == 1:
             return self._single(logits, target)
@@ -403,3 +422,95 @@ class KDCL(Objective):
         soft = [kl_t(z, t, self.temperature) for z in logits]
         loss = sum(h + w * s for h, s in zip(hard, soft))
         return LossOut(loss, _detached(hard), _detached(soft))
+
+
+class PeerEnsemble(nn.Module):
+    """PCL's peer ensemble teacher: every head's pooled pre-logits features, concatenated, -> linear -> logits.
+
+    ``forward(features)`` takes the list of the H heads' features (each as :func:`pool_features` accepts:
+    ``[B, in_features]``, tokens or a feature map) and returns ``[B, num_classes]``.
+    """
+
+    def __init__(self, in_features: int, heads: int, num_classes: int):
+        super().__init__()
+        if min(in_features, heads, num_classes) < 1:
+            raise HeadsurgeonError(f"PeerEnsemble needs positive sizes, got {in_features}, {heads}, {num_classes}")
+        self.in_features, self.heads, self.num_classes = int(in_features), int(heads), int(num_classes)
+        self.fc = nn.Linear(self.in_features * self.heads, self.num_classes)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(features) != self.heads:
+            raise HeadsurgeonError(f"PeerEnsemble takes {self.heads} heads' features, got {len(features)}")
+        return self.fc(torch.cat([pool_features(f, self.in_features, "PeerEnsemble") for f in features], 1))
+
+
+@register
+@dataclass
+class PCL(Objective):
+    """Peer Collaborative Learning (Wu & Gong, AAAI 2021), as its public re-implementation computes it.
+
+    ``loss = teacher_ce + sum_i [hard_i + w * soft_i]``, ``teacher_ce = CE(y, z_pe)``,
+    ``soft_i = T^2 KL(softmax(sg(z_pe)/T) || p_i) + 1/(H-1) sum_{l != i} T^2 KL(softmax(sg(z'_l)/T) || p_i)``:
+    a peer ensemble teacher z_pe = FC([f_1; ...; f_H]) over the heads' pre-logits features
+    (:class:`PeerEnsemble`, from ``make_modules(channels, heads, num_classes)``), and every *other*
+    peer's temporal mean z'_l (its logits under EMA weights, on the same batch, detached).
+
+    **State the trainer must hold**: an EMA copy of the whole tree (decay ``ema_decay``; the
+    re-implementation uses a = min(1 - 1/(step + 1), 0.999) and runs the EMA copy in train mode, so
+    its BatchNorm statistics update), updated after every optimiser step and saved/restored with the
+    checkpoint; each step it runs on the batch under ``no_grad`` and its per-head logits are passed as
+    ``mean_logits``. The exported head is that EMA copy's head ("we use a temporal mean model of a
+    peer for deployment"). The trainer must also hand over each head's pre-logits features
+    (``features``, a list of H tensors) and the :class:`PeerEnsemble` (``modules``).
+
+    No official code exists (research notes §6); T=3, the 1/(H-1) and the EMA decay are the
+    re-implementation's choices, not verified against the paper. The paper also gives each peer
+    its own augmentation of the image; a tree gives every head the same batch. Its ramp bug is not
+    reproduced (``ramp`` is ONE's ramp). With one head: plain CE.
+    """
+    name: ClassVar[str] = "pcl"
+    feature_source: ClassVar[str | None] = "heads"
+    needs_mean_logits: ClassVar[bool] = True
+    temperature: float = 3.0
+    ramp: int = 0
+    ema_decay: float = 0.999
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise HeadsurgeonError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        super().__post_init__()
+
+    def make_modules(self, feature_channels: int, heads: int, num_classes: int | None = None) -> nn.Module | None:
+        if heads < 2:
+            return None
+        if num_classes is None:
+            raise HeadsurgeonError("objective 'pcl' needs num_classes for its peer ensemble classifier")
+        return PeerEnsemble(feature_channels, heads, num_classes)
+
+    def __call__(self, logits, target, features=None, modules=None, mean_logits=None) -> LossOut:
+        if len(logits) == 1:
+            return self._single(_check(logits, target, "pcl"), target)
+        if features is None or modules is None or mean_logits is None:
+            raise HeadsurgeonError("objective 'pcl' needs every head's pre-logits features, its PeerEnsemble "
+                                   "and the temporal-mean (EMA) heads' logits in every call")
+        return self.from_teachers(logits, target, modules(features), mean_logits)
+
+    def from_teachers(self, logits: Sequence[torch.Tensor], target: torch.Tensor, ensemble_logits: torch.Tensor,
+                      mean_logits: Sequence[torch.Tensor]) -> LossOut:
+        """The loss for given peer-ensemble logits ``[B, C]`` and temporal-mean logits (one ``[B, C]`` per head)."""
+        logits = _check(logits, target, "pcl")
+        if len(logits) == 1:
+            return self._single(logits, target)
+        heads, w, T = len(logits), self.soft_weight, self.temperature
+        if len(mean_logits) != heads:
+            raise HeadsurgeonError(f"pcl needs {heads} temporal-mean logits, got {len(mean_logits)}")
+        z_pe = _promote(ensemble_logits)
+        means = [_promote(m).detach() for m in mean_logits]
+        hard = [hard_ce(z, target, self.label_smoothing) for z in logits]
+        teacher_ce = hard_ce(z_pe, target, self.label_smoothing)
+        t = z_pe.detach()
+        soft = [kl_t(z, t, T) + sum(kl_t(z, means[l], T) for l in range(heads) if l != i) / (heads - 1)
+                for i, z in enumerate(logits)]
+        loss = teacher_ce + sum(h + w * s for h, s in zip(hard, soft))
+        return LossOut(loss, _detached(hard), _detached(soft), {"teacher_ce": teacher_ce.detach()})

@@ -164,7 +164,8 @@ def test_cl_reference_row_and_terms():
     _assert_row(out.loss, Z, 3.266272, [0.097374, 0.217883, 0.461195])      # §10 "CL paper form"
     assert [h.item() for h in out.hard] == pytest.approx(CE10, abs=5e-7)
     # loss = sum_i beta hard_i + (1 - beta) soft_i; soft_i is the soft cross-entropy H(q_i, p_i), checked by hand
-    assert out.loss.item() == pytest.approx(sum(0.5 * h + 0.5 * s for h, s in zip(out.hard, out.soft)).item(), abs=1e-12)
+    mixed = sum(0.5 * h + 0.5 * s for h, s in zip(out.hard, out.soft))
+    assert out.loss.item() == pytest.approx(mixed.item(), abs=1e-12)
 
     def soft_ref(zs, y, i, T=2.0):
         other = [sum(zs[j][c] for j in range(3) if j != i) / 2 for c in range(3)]
@@ -273,7 +274,7 @@ def test_one_gate_gets_only_the_teacher_ce_gradient():
     H, B, C, D = 3, 4, 5, 6
     one = O.get("one")
     gate = one.make_modules(D, H)
-    assert isinstance(gate, O.OneGate) and one.needs_features
+    assert isinstance(gate, O.OneGate) and one.feature_source == "fork" and not one.needs_mean_logits
     with torch.no_grad():                         # away from the zero init, so the gate is not symmetric
         gate.fc.weight.normal_()
         gate.fc.bias.normal_()
@@ -317,7 +318,7 @@ def test_one_gate_pools_every_layout():
     with pytest.raises(HeadsurgeonError, match=r"\[B, H\]"):
         O.get("one").from_weights([torch.randn(2, 3)] * 2, torch.tensor([0, 1]), torch.ones(2, 3))
     assert O.get("one").make_modules(4, 1) is None
-    assert all(O.get(n).make_modules(4, 3) is None for n in ("cl", "dml", "kdcl"))
+    assert all(O.get(n).make_modules(4, 3, 10) is None for n in ("cl", "dml", "kdcl"))
 
 
 # --- kdcl ------------------------------------------------------------------------------------------
@@ -351,20 +352,75 @@ def test_kdcl_teacher_is_detached():
         assert torch.allclose(z.grad, want, atol=1e-12)
 
 
+# --- pcl -------------------------------------------------------------------------------------------
+
+ZPE10 = [[2.2, 0.5, -0.3], [0.1, 2.0, 0.6]]                                     # §10 peer-ensemble logits
+ZM10 = [[[1.8, 0.9, 0.0], [0.4, 2.0, -0.5]], [[1.2, 0.4, 0.2], [0.1, 1.2, 0.8]],
+        [[0.6, 1.5, -0.3], [0.9, 0.8, 1.5]]]                                     # §10 temporal-mean logits
+
+
+def _pcl_ref(zs, y, zpe, zm, T):
+    H = len(zs)
+    return _ce(zpe, y) + sum(_ce(zs[j], y) + _kl(zs[j], zpe, T)
+                             + sum(_kl(zs[j], zm[l], T) for l in range(H) if l != j) / (H - 1) for j in range(H))
+
+
+def test_pcl_reference_row():
+    Z, y = _z10(), torch.tensor(Y10)
+    zpe, zm = torch.tensor(ZPE10, dtype=torch.float64), list(torch.tensor(ZM10, dtype=torch.float64))
+    out = O.get("pcl").from_teachers(list(Z), y, zpe, zm)
+    _assert_row(out.loss, Z, 6.250397, [0.608596, 0.736190, 1.852032])           # §10 "PCL (T=3, w=1)"
+    want = sum(_pcl_ref([Z10[h][b] for h in range(3)], Y10[b], ZPE10[b], [ZM10[h][b] for h in range(3)], 3.0)
+               for b in range(2)) / 2
+    assert out.loss.item() == pytest.approx(want, abs=1e-12)
+    assert out.extra["teacher_ce"].item() == pytest.approx((_ce(ZPE10[0], 0) + _ce(ZPE10[1], 1)) / 2, abs=1e-12)
+
+
+def test_pcl_teachers_are_detached():
+    torch.manual_seed(0)
+    H, B, C, D = 3, 4, 5, 6
+    pcl = O.get("pcl")
+    ens = pcl.make_modules(D, H, C)
+    assert isinstance(ens, O.PeerEnsemble) and pcl.feature_source == "heads" and pcl.needs_mean_logits
+    feats = [torch.randn(B, D, 2, 2) for _ in range(H)]
+    zs = [torch.randn(B, C, requires_grad=True) for _ in range(H)]
+    means = [torch.randn(B, C, requires_grad=True) for _ in range(H)]
+    y = torch.tensor([0, 1, 2, 3])
+    params = list(ens.parameters())
+    out = pcl(zs, y, feats, ens, means)
+    got = torch.autograd.grad(out.loss, params + means, allow_unused=True)
+    assert all(g is None for g in got[len(params):])                     # nothing flows into the EMA logits
+    want = torch.autograd.grad(F.cross_entropy(ens(feats), y), params)   # the ensemble learns from CE(y, z_pe) only
+    for a, b in zip(got, want):
+        assert a.abs().sum() > 1e-3 and torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(HeadsurgeonError, match="num_classes"):
+        pcl.make_modules(D, H)
+    with pytest.raises(HeadsurgeonError, match="temporal-mean"):
+        pcl(zs, y, feats, ens)
+    assert pcl.make_modules(D, 1, C) is None
+
+
 # --- every objective -------------------------------------------------------------------------------
 
 def _call(name, zs, y, **kw):
-    """Every objective called the trainer's way; ONE with a fixed random gate on fixed features."""
+    """Every objective called the trainer's way; ONE and PCL with a fixed random module on fixed features."""
     obj = O.get(name, **kw)
-    if name != "one" or len(zs) == 1:
-        return obj(zs, y)
-    gate = obj.make_modules(4, len(zs))
-    with torch.no_grad():
-        gate.fc.weight.copy_(torch.randn(len(zs), 4, generator=torch.Generator().manual_seed(5)))
-    return obj(zs, y, torch.linspace(-1, 1, zs[0].shape[0] * 4 * 9).view(-1, 4, 3, 3), gate)
+    H, (B, C) = len(zs), zs[0].shape
+    dtype = torch.promote_types(zs[0].dtype, torch.float32)
+    extra = obj.make_modules(4, H, C)
+    if extra is not None:
+        extra = extra.to(dtype)
+        with torch.no_grad():
+            extra.fc.weight.copy_(torch.randn(extra.fc.weight.shape, generator=torch.Generator().manual_seed(5)))
+            extra.fc.bias.zero_()
+    feats = torch.linspace(-1, 1, B * 4 * 9, dtype=dtype).view(-1, 4, 3, 3)
+    if obj.feature_source == "heads":
+        feats = [feats * (i + 1) for i in range(H)]
+    means = [torch.linspace(-2, 2, B * C, dtype=dtype).view(B, C)] * H
+    return obj(zs, y, feats if obj.feature_source else None, extra, means if obj.needs_mean_logits else None)
 
 
-NAMES = ["cl", "dml", "one", "kdcl"]
+NAMES = ["cl", "dml", "one", "kdcl", "pcl"]
 
 
 @pytest.mark.parametrize("name", NAMES)
