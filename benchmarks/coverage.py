@@ -46,7 +46,7 @@ def _small_model(name: str):
         return model, size, n
     except Exception:
         import timm
-        from headsurgeon.tree import default_input_size
+        from headsurgeon.models import default_input_size
 
         model = timm.create_model(name, num_classes=10)
         return model, tuple(default_input_size(model)), n
@@ -54,7 +54,7 @@ def _small_model(name: str):
 
 def _try_small(name: str):
     import timm
-    from headsurgeon.tree import default_input_size
+    from headsurgeon.models import default_input_size
 
     base = timm.create_model(name, pretrained=False, num_classes=10, device="meta")
     cfg = default_input_size(base)
@@ -97,7 +97,7 @@ def run_one(name: str, big: float) -> dict:
     import torch.nn.functional as F
 
     import headsurgeon as hs
-    from headsurgeon.trace import max_abs_diff
+    from headsurgeon.verify import max_abs_diff
 
     t0 = time.time()
     import zlib
@@ -111,7 +111,7 @@ def run_one(name: str, big: float) -> dict:
         return {"model": name, "status": "fail", "reason": "no feature_info modules to split at", "params": n_params}
     heads = 2 if large else 4
     tree = hs.split(model, at=at, heads=heads, branch_init="copy" if large else "independent", seed=0,
-                    input_size=size, verify=True, _quiet=True)
+                    input_size=size, verify=True)
     del model
     x = torch.randn(2, *size)
     y = torch.randint(0, 10, (2,))

@@ -157,7 +157,7 @@ def _fit(run: Path, recipe: dict[str, Any]) -> dict[str, Any]:
     sp = D.splits(recipe)
     tr = sp.train
     clean = D.View(tr.base, tr.indices)
-    cfg = D.data_config(recipe, tree.spec.get("pretrained_cfg"), tree.spec["model_args"].get("in_chans", 3))
+    cfg = D.data_config(recipe, tree.spec.pretrained_cfg, tree.spec.model_args.get("in_chans", 3))
     ld = D.loader(clean, recipe, cfg, False, torch.device("cpu"))
     preds, truth = [], []
     with torch.no_grad():

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import headsurgeon as hs
-from headsurgeon.tree import _Fork
+from headsurgeon.tree import fork
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,7 +107,7 @@ class HandTree(nn.Module):
         outs = [self.levels[0][0](x)]
         for lvl in range(1, len(self.levels)):
             f = self.fanout[lvl - 1]
-            outs = [seg(_Fork.apply(outs[j // f], 1.0 / f, False)) for j, seg in enumerate(self.levels[lvl])]
+            outs = [seg(fork(outs[j // f], 1.0 / f, False)) for j, seg in enumerate(self.levels[lvl])]
         return outs
 
 
@@ -187,20 +187,20 @@ def bench_model(name: str, at: list[str], heads: int, args) -> dict:
         return statistics.median(ts), r
 
     t_split, tree = timed(lambda: hs.split(base, at=at, heads=heads, branch_init="copy", verify=False,
-                                           input_size=size, _quiet=True))
+                                           input_size=size))
     t_split_ind, _ = timed(lambda: hs.split(base, at=at, heads=heads, branch_init="independent", seed=0,
-                                            verify=False, input_size=size, _quiet=True), n=1)
+                                            verify=False, input_size=size), n=1)
     t_split_ver, _ = timed(lambda: hs.split(base, at=at, heads=heads, branch_init="copy", verify=True,
-                                            input_size=size, _quiet=True), n=1)
+                                            input_size=size), n=1)
     t_collapse, _ = timed(lambda: hs.collapse(tree, heads - 1))
 
     variants: dict[str, nn.Module] = {
         "single": copy.deepcopy(base),
         f"{heads} instances": hs.split(base, at=["input"], heads=heads, branch_init="copy", verify=False,
-                                      input_size=size, _quiet=True),
-        "tree simple": hs.split(base, at=at[:1], heads=heads, branch_init="copy", verify=False, input_size=size, _quiet=True),
+                                      input_size=size),
+        "tree simple": hs.split(base, at=at[:1], heads=heads, branch_init="copy", verify=False, input_size=size),
         "hand simple": HandTree(copy.deepcopy(base), at[:1], [heads]),
-        "tree hierarchical": hs.split(base, at=at, heads=heads, branch_init="copy", verify=False, input_size=size, _quiet=True),
+        "tree hierarchical": hs.split(base, at=at, heads=heads, branch_init="copy", verify=False, input_size=size),
         "hand hierarchical": HandTree(copy.deepcopy(base), at, hs.tree.default_fanout(heads, len(at))),
     }
     steps, flops, mem = {}, {}, {}

@@ -13,16 +13,20 @@ Only yaml and the standard library are used here: building a card needs no model
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import yaml
 
-from . import __version__
+from .recipe import flatten, nest
+from .storage import sha256_file
+from .version import __version__
+
+if TYPE_CHECKING:
+    from .tree import SplitSpec
 
 CARD_FILE = "README.md"
 VERIFIED_FILES = ("config.json", "model.safetensors")
@@ -43,14 +47,6 @@ _HUB_DATASETS = {
     "torch/mnist": "ylecun/mnist",
     "torch/fashion_mnist": "zalando-datasets/fashion_mnist",
 }
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_front_matter(text: str) -> dict[str, Any] | None:
@@ -86,17 +82,6 @@ def _version(package: str) -> str:
         return "unknown"
 
 
-def _flat(recipe: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Nested ``{data: {batch_size: 8}}`` (recipe.yaml) or flat ``{data.batch_size: 8}`` -> flat."""
-    out: dict[str, Any] = {}
-    for k, v in (recipe or {}).items():
-        if isinstance(v, dict) and k != "model_kwargs":
-            out.update({f"{k}.{sub}": sv for sub, sv in v.items()})
-        else:
-            out[str(k)] = v
-    return out
-
-
 def _pct(v: Any) -> str:
     return f"{v:.2f}%" if isinstance(v, (int, float)) else "–"
 
@@ -105,30 +90,35 @@ def _code(v: Any) -> str:
     return f"`{json.dumps(v) if not isinstance(v, str) else v}`"
 
 
-def build_card(spec: Mapping[str, Any], head: int, *, summary: Mapping[str, Any] | None = None,
+def build_card(spec: SplitSpec, head: int, *, summary: Mapping[str, Any] | None = None,
                recipe: Mapping[str, Any] | None = None, label_names: Sequence[str] | None = None,
                head_reason: str | None = None, files: Mapping[str, str] | None = None,
                num_params: int | None = None) -> str:
     """Model card text for head ``head`` of the tree described by ``spec``.
 
-    ``summary``/``recipe`` are a training run's ``summary.json`` and recipe (nested or flat);
-    without them the card says that no accuracies are known. ``files`` maps the exported file
-    names to their sha256 (the proof ``push`` checks). ``head_reason`` overrides the sentence
-    that says why this head was chosen.
+    Args:
+        spec: the tree's :class:`~headsurgeon.tree.SplitSpec`.
+        head: the collapsed head.
+        summary: a training run's ``summary.json``; without it the card says that no accuracies are known.
+        recipe: the run's recipe, nested (``recipe.yaml``) or flat.
+        label_names: class names.
+        head_reason: overrides the sentence that says why this head was chosen.
+        files: the exported file names and their sha256 (the proof ``push`` checks).
+        num_params: parameter count of the collapsed model.
     """
-    r = _flat(recipe)
-    arch = spec["architecture"]
-    model_args = dict(spec.get("model_args") or {})
+    r = flatten(dict(recipe), "recipe") if recipe else {}
+    arch = spec.architecture
+    model_args = dict(spec.model_args)
     num_classes = (summary or {}).get("num_classes") or model_args.get("num_classes") \
-        or (spec.get("pretrained_cfg") or {}).get("num_classes")
-    size = spec.get("input_size")
+        or spec.pretrained_cfg.get("num_classes")
+    size = list(spec.input_size) if spec.input_size else None
     if r.get("data.img_size"):  # a run: the size it was trained and evaluated at
         size = [(size or [3])[0], r["data.img_size"], r["data.img_size"]]
     dataset = r.get("data.dataset")
     hub_ds = hub_dataset(dataset)
     license_ = "apache-2.0"
-    if r.get("pretrained") and (spec.get("pretrained_cfg") or {}).get("license"):
-        license_ = spec["pretrained_cfg"]["license"]
+    if r.get("pretrained") and spec.pretrained_cfg.get("license"):
+        license_ = spec.pretrained_cfg["license"]
 
     front: dict[str, Any] = {
         "library_name": "timm",
@@ -142,7 +132,7 @@ def build_card(spec: Mapping[str, Any], head: int, *, summary: Mapping[str, Any]
         "version": __version__,
         "architecture": arch,
         "head": int(head),
-        "heads": int(spec.get("heads") or 1),
+        "heads": spec.heads,
         "trained": summary is not None,
         "files": dict(files or {}),
     }
@@ -154,11 +144,11 @@ def build_card(spec: Mapping[str, Any], head: int, *, summary: Mapping[str, Any]
     add("")
     what = (f"A `{arch}` image classifier" + (f" for {num_classes} classes" if num_classes else "")
             + (f" at input size {'x'.join(map(str, size))}" if size else "") + ".")
-    how = (f" It was trained as head {head} of a {spec.get('heads', 1)}-head tree with collaborative learning "
+    how = (f" It was trained as head {head} of a {spec.heads}-head tree with collaborative learning "
            f"([Song & Chai, NeurIPS 2018]({PAPER})) and collapsed back into the original timm architecture by "
            f"headsurgeon."
            if summary is not None else
-           f" It is head {head} of a {spec.get('heads', 1)}-head tree built by headsurgeon and collapsed back into "
+           f" It is head {head} of a {spec.heads}-head tree built by headsurgeon and collapsed back into "
            f"the original timm architecture without a training run, so it carries the tree's weights as they were "
            f"(e.g. an initialisation) and no accuracy is known.")
     add(what + how + " It is a plain timm model: using it needs timm only, not headsurgeon.")
@@ -181,14 +171,13 @@ def build_card(spec: Mapping[str, Any], head: int, *, summary: Mapping[str, Any]
 
     add("## How it was made")
     add("")
-    at = spec.get("at") or []
-    fanout = spec.get("fanout") or []
-    add(f"- **Head tree:** {spec.get('heads', 1)} heads, split at "
+    at, fanout = spec.at, spec.fanout
+    add(f"- **Head tree:** {spec.heads} heads, split at "
         + (", ".join(f"`{p}`" for p in at) if at else "no split point")
         + (f", fan-out {', '.join(map(str, fanout))}" if fanout else "")
-        + f"; gradient rescaling at the forks {'on' if spec.get('rescale', True) else 'off (ablation)'}"
-        + f"; branch initialisation `{spec.get('branch_init')}`"
-        + (f", seed {spec['seed']}" if spec.get("seed") is not None else "") + ".")
+        + f"; gradient rescaling at the forks {'on' if spec.rescale else 'off (ablation)'}"
+        + f"; branch initialisation `{spec.branch_init}`"
+        + (f", seed {spec.seed}" if spec.seed is not None else "") + ".")
     add("  A split point is the first module each branch owns; every head is a complete "
         f"`{arch}` that shares the layers before its split points with its siblings.")
     if r:
@@ -219,7 +208,7 @@ def build_card(spec: Mapping[str, Any], head: int, *, summary: Mapping[str, Any]
         add("<details><summary>The full recipe</summary>")
         add("")
         add("```yaml")
-        add(yaml.safe_dump(_nest(r), sort_keys=False).rstrip())
+        add(yaml.safe_dump(nest(r), sort_keys=False).rstrip())
         add("```")
         add("")
         add("</details>")
@@ -241,7 +230,7 @@ def build_card(spec: Mapping[str, Any], head: int, *, summary: Mapping[str, Any]
 
     add("## Software")
     add("")
-    made = spec.get("versions") or {}
+    made = spec.versions
     add(f"- collapsed with headsurgeon {__version__}, timm {_version('timm')}, torch {_version('torch')}")
     if made:
         add("- head tree built with " + ", ".join(f"{k} {v}" for k, v in made.items()))
@@ -256,17 +245,6 @@ def build_card(spec: Mapping[str, Any], head: int, *, summary: Mapping[str, Any]
 
 def _samples(samples: Mapping[str, int]) -> str:
     return ", ".join(f"{v:,} {k}" for k, v in samples.items())
-
-
-def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in flat.items():
-        section, dot, sub = k.partition(".")
-        if dot:
-            out.setdefault(section, {})[sub] = v
-        else:
-            out[k] = v
-    return out
 
 
 def _results(summary: Mapping[str, Any], head: int, reason: str | None) -> str:
@@ -299,7 +277,7 @@ def _results(summary: Mapping[str, Any], head: int, reason: str | None) -> str:
     return "\n".join(rows)
 
 
-def card_writer(spec: Mapping[str, Any], head: int, **kwargs: Any) -> Callable[[Path], str]:
+def card_writer(spec: SplitSpec, head: int, **kwargs: Any) -> Callable[[Path], str]:
     """A callback for :func:`headsurgeon.collapse.export`: builds the card for the exported
     files in ``directory`` (after they are written and their reload verified), with their sha256."""
 

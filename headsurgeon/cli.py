@@ -12,6 +12,7 @@ from typing import Any, Callable
 import click
 
 from .errors import HeadsurgeonError
+from .storage import human
 
 
 def _one_line_errors(fn: Callable) -> Callable:
@@ -57,14 +58,6 @@ def _int_list(value: str | None, what: str) -> list[int] | None:
         raise HeadsurgeonError(f"{what} must be comma-separated integers, e.g. 2,2; got '{value}'") from None
 
 
-def _human(n: float) -> str:
-    for unit in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{unit}"
-        n /= 1000
-    return f"{n:.3g}P"
-
-
 def _safe_name(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", model.split(":", 1)[-1]).strip("_") or "model"
 
@@ -86,16 +79,16 @@ def main() -> None:
 def nodes(model: str, all_paths: bool, num_classes: int | None, model_kwargs: tuple[str, ...], input_size: str | None) -> None:
     """List the candidate split points of MODEL (timm feature_info modules first) with the output
     shape there and the parameters and FLOPs a branch forked there would own."""
+    from .models import create, default_input_size
     from .points import split_points
-    from .tree import _create, default_input_size
 
     kwargs = _parse_kwargs(model_kwargs)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    m = _create(model, kwargs)
+    m = create(model, kwargs)
     size = _int_list(input_size, "--input-size") or list(default_input_size(m))
     points, params, flops = split_points(m, size, all_paths=all_paths)
-    click.echo(f"{model}: {_human(params)} parameters, {_human(flops)} FLOPs per image at {'x'.join(map(str, size))}")
+    click.echo(f"{model}: {human(params)} parameters, {human(flops)} FLOPs per image at {'x'.join(map(str, size))}")
     click.echo(f"{'split point':<34} {'output shape':<22} {'branch params':>14} {'branch FLOPs':>13}")
     feats = sum(p.feature for p in points)
     for i, p in enumerate(points):
@@ -104,7 +97,7 @@ def nodes(model: str, all_paths: bool, num_classes: int | None, model_kwargs: tu
         if i == 1 + feats:
             click.echo("-- other module paths" + ("" if all_paths else " (--all for every one)"))
         frac = f"{100 * p.branch_params / params:.0f}%" if params else "-"
-        click.echo(f"{p.name:<34} {p.shape:<22} {_human(p.branch_params):>8} {frac:>5} {_human(p.branch_flops):>13}")
+        click.echo(f"{p.name:<34} {p.shape:<22} {human(p.branch_params):>8} {frac:>5} {human(p.branch_flops):>13}")
 
 
 @main.command("split")
@@ -114,8 +107,9 @@ def nodes(model: str, all_paths: bool, num_classes: int | None, model_kwargs: tu
 @click.option("--fanout", default=None, metavar="F1,F2", help="Children per fork at each split point; product = heads. Default: balanced.")
 @click.option("--num-classes", type=int, default=None, help="Classifier size passed to timm.create_model.")
 @click.option("--no-rescale", is_flag=True, help="Leave out the gradient-rescaling op at the forks (the paper's ablation).")
-@click.option("--branch-init", type=click.Choice(["independent", "copy"]), default=None,
-              help="independent: each cloned copy gets its own timm init (default for random init); copy: exact copies.")
+@click.option("--branch-init", type=click.Choice(["independent", "copy", "pretrained"]), default=None,
+              help="independent: each cloned copy gets its own timm init (default for random init); copy: exact copies; "
+                   "pretrained: copy the pretrained weights, draw the rest (default with --pretrained/--weights).")
 @click.option("--pretrained", is_flag=True, help="Start from timm's pretrained weights (needs them downloadable or cached).")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Start from a local safetensors or timm checkpoint.")
 @click.option("--model-kwargs", multiple=True, metavar="K=V", help="Extra timm.create_model kwargs, e.g. drop_path_rate=0.1.")
@@ -128,7 +122,8 @@ def split_cmd(model: str, at: str, heads: int, fanout: str | None, num_classes: 
               branch_init: str | None, pretrained: bool, weights: str | None, model_kwargs: tuple[str, ...],
               seed: int | None, input_size: str | None, output: str | None, overwrite: bool) -> None:
     """Split MODEL into a tree of heads and write it to a directory (spec.json + tree.safetensors)."""
-    from .tree import check_output, split
+    from .storage import check_output
+    from .tree import split
 
     if pretrained and weights:
         raise HeadsurgeonError("--pretrained and --weights both give starting weights; use one of them")
@@ -144,13 +139,13 @@ def split_cmd(model: str, at: str, heads: int, fanout: str | None, num_classes: 
                  input_size=_int_list(input_size, "--input-size"), **kwargs)
     cost = tree.cost()
     tree.save(out, overwrite=overwrite)
-    click.echo(f"{model} split at {','.join(tree.spec['at'])} into {tree.num_heads} heads "
+    click.echo(f"{model} split at {','.join(tree.spec.at)} into {tree.num_heads} heads "
                f"(fan-out {','.join(map(str, tree.fanout))}, rescale {'on' if tree.rescale else 'off'}, "
-               f"branch init {tree.spec['branch_init']}); cut verified against the eager model")
+               f"branch init {tree.spec.branch_init}); cut verified against the eager model")
     click.echo(tree.describe())
-    click.echo(f"parameters: tree {_human(cost['tree_params'])} vs model {_human(cost['base_params'])} "
+    click.echo(f"parameters: tree {human(cost['tree_params'])} vs model {human(cost['base_params'])} "
                f"({cost['tree_params'] / max(cost['base_params'], 1):.2f}x); FLOPs per image: tree "
-               f"{_human(cost['tree_flops'])} vs model {_human(cost['base_flops'])} "
+               f"{human(cost['tree_flops'])} vs model {human(cost['base_flops'])} "
                f"({cost['tree_flops'] / max(cost['base_flops'], 1):.2f}x)")
     click.echo(f"wrote {out}")
 

@@ -22,6 +22,14 @@ def _ops(graph: fx.Graph) -> list[fx.Node]:
     return list(graph.nodes)
 
 
+def owned_by(node: fx.Node, qualname: str, point: str) -> bool:
+    """Whether ``node`` (recorded at ``qualname``) is part of split point ``point``: the module
+    ``point`` or one inside it, or the fx node named ``point``. Inputs and attributes belong to no one."""
+    if node.op in ("placeholder", "get_attr"):
+        return False
+    return qualname == point or qualname.startswith(point + ".") or node.name == point
+
+
 def point_names(names: dict[fx.Node, str]) -> list[str]:
     """Every name a split point may use, in forward order: module paths first seen, node names."""
     seen: dict[str, None] = {}
@@ -49,10 +57,7 @@ def resolve(graph: fx.Graph, names: dict[fx.Node, str], point: str, model_name: 
     if point == INPUT:
         return next(i for i, n in enumerate(nodes) if n.op != "placeholder")
     for i, n in enumerate(nodes):
-        if n.op in ("placeholder", "get_attr"):
-            continue
-        q = names.get(n, "")
-        if q == point or q.startswith(point + ".") or n.name == point:
+        if owned_by(n, names.get(n, ""), point):
             return i
     candidates = list(valid) if valid else point_names(names)
     near = difflib.get_close_matches(point, candidates, n=5, cutoff=0.5)
@@ -68,8 +73,7 @@ def last_index(graph: fx.Graph, names: dict[fx.Node, str], point: str) -> int:
     """Index of the last node recorded inside ``point`` (its output)."""
     last = -1
     for i, n in enumerate(_ops(graph)):
-        q = names.get(n, "")
-        if n.op not in ("placeholder", "get_attr") and (q == point or q.startswith(point + ".") or n.name == point):
+        if owned_by(n, names.get(n, ""), point):
             last = i
     return last
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .card import CARD_FILE, MARKER, VERIFIED_FILES, for_repo, read_front_matter, sha256_file
+from .card import CARD_FILE, MARKER, VERIFIED_FILES, for_repo, read_front_matter
 from .errors import HeadsurgeonError
+from .storage import human, sha256_file
 
 DEFAULT_MESSAGE = "Upload model collapsed by headsurgeon"
 
@@ -145,7 +146,7 @@ def push(p: Plan, *, private: bool = False, revision: str | None = None, create_
             api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="headsurgeon-push-") as tmp:
             stage = _stage(p, Path(tmp))
-            log(f"uploading {len(p.files)} files ({_size(sum(p.sizes.values()))}) to {repo_id}")
+            log(f"uploading {len(p.files)} files ({human(sum(p.sizes.values()), 'B')}) to {repo_id}")
             info = api.upload_folder(repo_id=repo_id, folder_path=stage, token=token, revision=revision,
                                      create_pr=create_pr, commit_message=commit_message or DEFAULT_MESSAGE,
                                      allow_patterns=p.files)
@@ -212,17 +213,9 @@ def _explain(exc: BaseException, endpoint: str, repo_id: str, revision: str | No
     return None
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
 def describe(p: Plan) -> str:
     """The dry-run listing (no card)."""
     width = max(len(f) for f in p.files)
-    rows = [f"  {f:<{width}}  {_size(p.sizes[f]):>9}" for f in p.files]
+    rows = [f"  {f:<{width}}  {human(p.sizes[f], 'B'):>9}" for f in p.files]
     state = "verified collapse output" if p.verified else f"NOT verified ({p.problem}); pushed because of --force"
-    return "\n".join([f"{len(p.files)} files ({_size(sum(p.sizes.values()))}) from {p.folder} [{state}]:", *rows])
+    return "\n".join([f"{len(p.files)} files ({human(sum(p.sizes.values()), 'B')}) from {p.folder} [{state}]:", *rows])

@@ -20,8 +20,9 @@ def collapse_dir(source: str | Path | None, head: int | None, output: str | Path
     """Collapse one head of a tree directory or a training run (default: its best head) and
     export it with its model card. Without ``source``, the most recent run under ``runs/``."""
     from .card import card_writer, read_run
-    from .collapse import collapse, export
-    from .tree import HeadTree, check_output
+    from .collapse import export
+    from .storage import check_output
+    from .tree import HeadTree
 
     if source is None:
         from .train import RUNS, latest_run
@@ -48,12 +49,12 @@ def collapse_dir(source: str | Path | None, head: int | None, output: str | Path
     head = 0 if head is None else head
     out = Path(output or f"{src.name}-head{head}")
     check_output(out, overwrite)
-    model = collapse(tree, head)
+    model = tree.collapse(head)
     labels = (run or {}).get("label_names")
     export(model, out, label_names=labels, overwrite=overwrite,
            card=card_writer(tree.spec, head, summary=run, recipe=recipe, label_names=labels,
                             num_params=sum(p.numel() for p in model.parameters())))
-    log(f"head {head} of {src} -> {tree.spec['architecture']} with {tree.spec['model_args']}; "
+    log(f"head {head} of {src} -> {tree.spec.architecture} with {tree.spec.model_args}; "
         f"logits verified equal to the tree's and to the reloaded export")
     return out, head
 
@@ -86,11 +87,11 @@ def demo(output: str | Path = "runs/demo", epochs: int | None = None, log: Calla
     ``timm.create_model('local-dir:...')`` in a fresh process and evaluate it on the test split.
     """
     from . import recipe as R
+    from .storage import check_output
     from .train import train
 
     out = Path(output)
-    if out.exists() and any(out.iterdir()):
-        raise HeadsurgeonError(f"demo output '{out}' is not empty; remove it or pass --output DIR")
+    check_output(out, fix="remove it or pass --output DIR")
     flat, _ = R.load(None, [f"epochs={epochs}"] if epochs else [])
     single = dict(flat, **{"split.at": [], "split.heads": 1, "split.fanout": None})
     log(f"[1/4] training a {flat['split.heads']}-head tree of {flat['model']} split at "

@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .cut import INPUT, feature_points, last_index, point_names
 from .trace import has_module, trace
+from .verify import eval_mode
 
 
 @dataclass
@@ -70,15 +71,9 @@ def split_points(model: nn.Module, input_size: Sequence[int], all_paths: bool = 
     """
     traced = trace(model)
     graph, names = traced.eval_graph, traced.eval_names
-    gm = fx.GraphModule(model, graph)
-    was = model.training
-    model.eval()
-    prof = _Profile(gm)
-    try:
-        with torch.no_grad():
-            prof.run(torch.randn(1, *input_size))
-    finally:
-        model.train(was)
+    prof = _Profile(fx.GraphModule(model, graph))
+    with eval_mode(model), torch.no_grad():
+        prof.run(torch.randn(1, *input_size))
     nodes = list(graph.nodes)
     total_flops = sum(prof.flops.values())
     params = {id(p): p.numel() for p in model.parameters()}

@@ -4,8 +4,8 @@ Tracing freezes every ``self.training`` branch (functional dropout, drop-path, t
 ``dropout_p``), so one graph cannot serve both modes; like torchvision's
 ``create_feature_extractor`` we trace twice and keep both. Leaf modules and autowrapped
 functions are timm's own lists, plus the stochastic-depth modules, so that drop-path stays
-a module that honours ``.train()``/``.eval()``. Both graphs are checked against the eager
-model right after tracing.
+a module that honours ``.train()``/``.eval()``. ``verify`` checks both graphs against the eager
+model.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from torchvision.models.feature_extraction import NodePathTracer
 from timm.layers import DropBlock2d, DropPath, PatchDropout, get_notrace_functions, get_notrace_modules
 
 from .errors import HeadsurgeonError
+from .verify import train_mode
 
 EXTRA_LEAVES = (DropPath, DropBlock2d, PatchDropout)
 
@@ -98,93 +99,13 @@ def has_module(model: nn.Module, path: str) -> bool:
 def trace(model: nn.Module, name: str | None = None, leaf_modules: tuple[type, ...] = ()) -> Traced:
     """Trace ``model`` in train mode and in eval mode; the model's mode is restored."""
     name = name or type(model).__name__
-    was_training = model.training
-    try:
+    with train_mode(model):
         # Train first: LeViT/EfficientFormer cache attention biases under a key that an eval
         # trace fills with a Proxy; ``train()`` clears that cache again afterwards.
-        model.train()
         tg, tn = _trace_once(model, name, leaf_modules)
-        model.eval()
-        eg, en = _trace_once(model, name, leaf_modules)
-    finally:
-        model.train()
-        model.train(was_training)
+        try:
+            model.eval()
+            eg, en = _trace_once(model, name, leaf_modules)
+        finally:
+            model.train()
     return Traced(model, tg, eg, tn, en)
-
-
-# --------------------------------------------------------------------------- numerical checks
-
-def max_abs_diff(a: Any, b: Any) -> float:
-    """Largest absolute difference between two outputs (tensors or nested tuples/lists/dicts of them)."""
-    la, lb = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
-    if len(la) != len(lb):
-        return float("inf")
-    worst = 0.0
-    for x, y in zip(la, lb):
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-            if x.shape != y.shape:
-                return float("inf")
-            if x.numel():
-                d = (x.detach().double() - y.detach().double()).abs().max().item()
-                if d != d:  # NaN anywhere: never "equal"
-                    return float("nan")
-                worst = max(worst, d)
-        elif x != y:
-            return float("inf")
-    return worst
-
-
-def tolerance(reference: Any, atol: float = 1e-5) -> float:
-    """``atol`` scaled by the output's magnitude: fp32 summation order may differ by an ulp."""
-    big = max((t.detach().abs().max().item() for t in torch.utils._pytree.tree_leaves(reference)
-               if isinstance(t, torch.Tensor) and t.numel() and t.is_floating_point()), default=1.0)
-    return atol * max(1.0, big)
-
-
-class BufferSnapshot:
-    """Restore running statistics after a train-mode check so that checks leave no trace."""
-
-    def __init__(self, *modules: nn.Module):
-        self.saved = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for b, v in self.saved:
-                b.copy_(v)
-
-
-def run_both_modes(fn, example: torch.Tensor, *modules: nn.Module, seed: int = 0) -> dict[str, Any]:
-    """Outputs of ``fn(example)`` in eval and in train mode (same RNG seed), buffers restored."""
-    out = {}
-    snap = BufferSnapshot(*modules)
-    try:
-        for mode in ("eval", "train"):
-            for m in modules:
-                m.train(mode == "train")
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                out[mode] = fn(example)
-            snap.restore()
-    finally:
-        snap.restore()
-    return out
-
-
-def check_against_eager(model: nn.Module, candidates: dict[str, tuple[Any, list[nn.Module]]],
-                        example: torch.Tensor, name: str) -> None:
-    """Raise if any candidate (``what -> (fn, its modules)``: a graph, a chain of segments)
-    differs from eager in either mode. The eager reference is computed once for all of them."""
-    was = model.training
-    try:
-        ref = run_both_modes(model, example, model)
-        for what, (candidate, candidate_modules) in candidates.items():
-            got = run_both_modes(candidate, example, model, *candidate_modules)
-            for mode in ("eval", "train"):
-                diff = max_abs_diff(ref[mode], got[mode])
-                if not diff <= tolerance(ref[mode]):
-                    raise HeadsurgeonError(
-                        f"{what} of {name} differs from the eager model in {mode} mode (max abs diff {diff:.3g}); "
-                        f"this model cannot be cut exactly, please report it"
-                    )
-    finally:
-        model.train(was)

@@ -33,7 +33,7 @@ from . import data as D
 from . import recipe as R
 from .errors import HeadsurgeonError
 from .loss import collaborative_loss
-from .tree import SPEC_FILE, WEIGHTS_FILE, HeadTree, _atomic_dir, split
+from .tree import HeadTree, split
 
 RUNS = Path("runs")
 STATE_FILE = "state.pt"
@@ -164,8 +164,8 @@ class _Run:
         r, classes = self.recipe, self.splits.num_classes
         if r["tree"]:
             tree = HeadTree.load(r["tree"])
-            cfg = tree.spec.get("pretrained_cfg") or {}
-            have = tree.spec["model_args"].get("num_classes", cfg.get("num_classes"))
+            cfg = tree.spec.pretrained_cfg
+            have = tree.spec.model_args.get("num_classes", cfg.get("num_classes"))
             if have != classes:
                 raise HeadsurgeonError(f"tree '{r['tree']}' has {have} classes but dataset '{r['data.dataset']}' has "
                                        f"{classes}; re-split with --num-classes {classes}")
@@ -180,11 +180,7 @@ class _Run:
 
     # -- checkpoints
     def _save_tree_dir(self, target: Path, model: HeadTree, extra: Callable[[Path], None] | None = None) -> None:
-        with _atomic_dir(target, overwrite=True) as tmp:
-            safetensors.torch.save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-            (tmp / SPEC_FILE).write_text(json.dumps(model.spec, indent=2, sort_keys=True))
-            if extra:
-                extra(tmp)
+        model.save(target, overwrite=True, extra=extra)
 
     # -- main loop
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
@@ -251,7 +247,7 @@ class _Run:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.yaml").write_text(yaml.safe_dump(R.nest(self.recipe), sort_keys=False))
         if self.primary:
-            self.log(f"training {tree.num_heads} heads of {tree.spec['architecture']} on {self.splits.sizes()} "
+            self.log(f"training {tree.num_heads} heads of {tree.spec.architecture} on {self.splits.sizes()} "
                      f"samples ({self.splits.num_classes} classes) on {dev}"
                      + (f" x {self.world} processes" if self.distributed else "") + f"; run dir {self.out}")
 
@@ -368,7 +364,7 @@ class _Run:
 
     def _data_cfg(self) -> dict[str, Any]:
         spec = self.tree.spec
-        return D.data_config(self.recipe, spec.get("pretrained_cfg"), spec["model_args"].get("in_chans", 3))
+        return D.data_config(self.recipe, spec.pretrained_cfg, spec.model_args.get("in_chans", 3))
 
     def _summary(self, history: list[dict], best: dict | None, finished: bool, wall: float) -> dict[str, Any]:
         row = history[best["epoch"] - 1]

@@ -1,4 +1,4 @@
-"""Build a tree of classifier heads from a traced, cut timm model.
+"""The head tree: the fork op, :class:`SplitSpec`, :class:`HeadTree` and :func:`split`.
 
 Level 0 is the trunk; level ``l`` holds ``prod(fanout[:l])`` copies of segment ``l``, and
 copy ``j`` feeds on the output of copy ``j // fanout[l-1]`` of the level above. Every
@@ -9,32 +9,35 @@ weights of one root-to-leaf path load into the original timm class unchanged.
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import safetensors.torch
 import timm
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, model_validator
 from torch import fx, nn
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_leaves, tree_map_only
 from torchvision.models.feature_extraction import DualGraphModule
 
-from . import __version__
-from .cut import INPUT, cut_graph, feature_points, point_names, resolve_all
+from . import models, verify
+from .cut import cut_graph, feature_points, point_names, resolve_all
 from .errors import HeadsurgeonError
-from .trace import Traced, check_against_eager, max_abs_diff, run_both_modes, trace
+from .storage import atomic_dir
+from .trace import trace
+from .version import __version__
 
 SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "tree.safetensors"
 FORMAT = 1
-BRANCH_INITS = ("independent", "copy")
+BranchInit = Literal["independent", "copy", "pretrained"]
+# independent: every cloned copy draws timm's own init; copy: exact copies; pretrained (the default
+# when split() starts from pretrained weights): copy what was pretrained, draw the rest per copy.
+BRANCH_INITS: tuple[str, ...] = BranchInit.__args__
 
 
 # ------------------------------------------------------------------------------- the fork op
@@ -57,7 +60,7 @@ class _Fork(torch.autograd.Function):
 
 
 def fork(values: Any, scale: float, own: bool) -> Any:
-    """Apply the fork op to every tensor in ``values`` (a tuple of values crossing a cut)."""
+    """Apply the fork op to every tensor in ``values`` (a tensor, or the tuple of values crossing a cut)."""
 
     def one(t: torch.Tensor) -> torch.Tensor:
         if t.requires_grad and (scale != 1.0 or own):
@@ -67,19 +70,77 @@ def fork(values: Any, scale: float, own: bool) -> Any:
     return tree_map_only(torch.Tensor, one, values)
 
 
+# ------------------------------------------------------------------------------- the spec
+
+class SplitSpec(BaseModel):
+    """Everything needed to rebuild a tree from timm: what ``spec.json`` holds.
+
+    Immutable and validated; ``to_json``/``from_json`` round-trip it. ``HeadTree.load`` rebuilds
+    the model with ``models.model_from_spec`` and cuts it again at ``at``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    architecture: str = Field(min_length=1)  # registered timm name, what collapse creates
+    model_args: dict[str, Any] = {}  # kwargs for timm.create_model(architecture, ...)
+    at: tuple[str, ...] = ()  # split points in forward order
+    heads: StrictInt = Field(1, ge=1)
+    fanout: tuple[StrictInt, ...] = ()  # children per fork at each split point; product = heads
+    rescale: StrictBool = True  # gradient x 1/fan-out at every fork
+    branch_init: BranchInit = "independent"
+    seed: Optional[StrictInt] = None  # of the independent draws (copy j: seed + j)
+    input_size: Optional[tuple[StrictInt, ...]] = None  # (C, H, W) the cut was verified at
+    source: Optional[str] = None  # the name split() was given (None: a module)
+    pretrained_cfg: dict[str, Any] = {}
+    no_weight_decay: tuple[str, ...] = ()  # source parameter names timm's optimizer does not decay
+    unused: tuple[str, ...] = ()  # weights no node reads: kept in the trunk for the strict reload
+    leaf_modules: tuple[str, ...] = ()  # extra leaf classes as module:QualName
+    owns_input: Optional[tuple[StrictBool, ...]] = None  # per level: mutates its input (None: probe at load)
+    versions: dict[str, str] = {}
+    format: StrictInt = FORMAT
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SplitSpec":
+        if len(self.fanout) != len(self.at) or math.prod(self.fanout) != self.heads or any(f < 1 for f in self.fanout):
+            raise ValueError(f"fanout {list(self.fanout)} does not match {len(self.at)} split point(s) and {self.heads} heads")
+        if self.owns_input is not None and len(self.owns_input) != len(self.at) + 1:
+            raise ValueError(f"owns_input needs one flag per level ({len(self.at) + 1})")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "spec") -> "SplitSpec":
+        """Parse and validate; every problem is reported in one line."""
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise HeadsurgeonError(f"'{where}' is unreadable (JSONDecodeError: {e}); re-create the tree") from None
+        if not isinstance(raw, dict):
+            raise HeadsurgeonError(f"'{where}' is unreadable (not a JSON object); re-create the tree")
+        if isinstance(raw.get("format"), int) and raw["format"] > FORMAT:
+            raise HeadsurgeonError(f"'{where}' was written by a newer headsurgeon (format {raw['format']}); upgrade")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            bad = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'spec'}: {err['msg']}" for err in e.errors())
+            raise HeadsurgeonError(f"'{where}' is unreadable ({bad}); re-create the tree") from None
+
+
 # ------------------------------------------------------------------------------- the module
 
 class HeadTree(nn.Module):
     """A timm model split into a tree of heads; ``forward`` returns one logits tensor per head."""
 
-    def __init__(self, levels: Sequence[Sequence[nn.Module]], fanout: Sequence[int], rescale: bool,
-                 owns_input: Sequence[bool], spec: dict[str, Any]):
+    def __init__(self, levels: Sequence[Sequence[nn.Module]], spec: SplitSpec):
         super().__init__()
         self.levels = nn.ModuleList(nn.ModuleList(segs) for segs in levels)
-        self.fanout = list(fanout)
-        self.rescale = rescale
-        self.owns_input = list(owns_input)  # per level: does segment l mutate its inputs?
         self.spec = spec
+        # plain attributes, read in forward (torch.compile guards on them)
+        self.fanout = list(spec.fanout)
+        self.rescale = spec.rescale
+        self.owns_input = list(spec.owns_input or [False] * len(self.levels))
 
     @property
     def num_heads(self) -> int:
@@ -118,12 +179,12 @@ class HeadTree(nn.Module):
     @property
     def has_unused_parameters(self) -> bool:
         """True when the model registers weights its forward never reads (DDP must be told)."""
-        return bool(self.spec.get("unused"))
+        return bool(self.spec.unused)
 
     def no_weight_decay(self) -> set[str]:
         """Tree names of the source model's no-weight-decay parameters (read by timm's optimizer)."""
-        base = set(self.spec.get("no_weight_decay", []))
-        return {n for n, _ in self.named_parameters() if _original_name(n) in base}
+        base = set(self.spec.no_weight_decay)
+        return {n for n, _ in self.named_parameters() if n.split(".", 3)[3] in base}  # levels.L.J.<timm name>
 
     def run_head(self, head: int, x: torch.Tensor) -> Any:
         """Forward through one root-to-leaf path only (what a collapsed model computes)."""
@@ -133,28 +194,44 @@ class HeadTree(nn.Module):
             vals = seg(*vals)
         return vals
 
+    def collapse(self, head: int, probe: torch.Tensor | None = None, atol: float = verify.COLLAPSE_ATOL) -> nn.Module:
+        """Head ``head`` as a plain timm model of the original class, in eval mode, verified against the tree.
+
+        Its weights load with ``strict=True`` into ``timm.create_model(architecture, **model_args)``;
+        raises ``HeadsurgeonError`` if that fails or if its eval logits differ from the tree head's
+        by more than ``atol`` (fp32) on ``probe`` (default: a seeded batch at ``spec.input_size``).
+        """
+        path = self.path(head)  # validates the index
+        model = models.model_from_spec(self.spec)
+        try:
+            model.load_state_dict(self.head_state_dict(head), strict=True)
+        except RuntimeError as e:
+            lines = str(e).splitlines()
+            raise HeadsurgeonError(f"head {head} (path {path}) does not load into {self.spec.architecture}: "
+                                   f"{lines[1 if len(lines) > 1 else 0][:300]}") from None
+        p = next(iter(self.parameters()))
+        model.to(device=p.device, dtype=p.dtype).eval()
+        x = probe if probe is not None else verify.probe(self.spec.input_size or (3, 224, 224), 1234, self)
+        verify.check_collapsed(self, head, model, x, atol)
+        return model
+
     def cost(self, input_size: Sequence[int] | None = None) -> dict[str, int]:
         """Parameters and FLOPs per image of the tree and of one head (= the base model)."""
         from .points import count_flops
 
         p = next(iter(self.parameters()))
-        x = torch.zeros(1, *(input_size or self.spec["input_size"]), device=p.device, dtype=p.dtype)
-        was = self.training
-        self.eval()
-        try:
+        x = torch.zeros(1, *(input_size or self.spec.input_size), device=p.device, dtype=p.dtype)
+        with verify.eval_mode(self):
             flops = {"tree_flops": count_flops(self, x), "base_flops": count_flops(lambda t: self.run_head(0, t), x)}
-        finally:
-            self.train(was)
         base = {id(t): t.numel() for seg in self.segments(0) for t in seg.parameters()}
         return {"tree_params": sum(t.numel() for t in self.parameters()), "base_params": sum(base.values()), **flops}
 
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, at={self.spec.get('at')}, fanout={self.fanout}, rescale={self.rescale}"
+        return f"heads={self.num_heads}, at={list(self.spec.at)}, fanout={self.fanout}, rescale={self.rescale}"
 
     def describe(self) -> str:
         """Which segments each head owns, one line per level."""
-        at = self.spec["at"]
-        bounds = ["input", *at, "output"]
+        bounds = ["input", *self.spec.at, "output"]
         lines = []
         for level, segs in enumerate(self.levels):
             span = f"{bounds[level]} -> {bounds[level + 1]}" if level else f"input -> {bounds[1]}"
@@ -163,17 +240,30 @@ class HeadTree(nn.Module):
         return "\n".join(lines)
 
     # ---------------------------------------------------------------------------- persistence
-    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write ``spec.json`` and ``tree.safetensors`` atomically (no pickle)."""
+    def save(self, directory: str | os.PathLike, overwrite: bool = False,
+             extra: Callable[[Path], None] | None = None) -> Path:
+        """Write ``spec.json`` and ``tree.safetensors`` (no pickle) atomically.
+
+        Args:
+            directory: created, or replaced when ``overwrite``; must otherwise be new or empty.
+            overwrite: replace a non-empty directory.
+            extra: writes more files into the directory before it appears (a training checkpoint's state).
+        """
         directory = Path(directory)
-        with _atomic_dir(directory, overwrite) as tmp:
+        with atomic_dir(directory, overwrite) as tmp:
             safetensors.torch.save_model(self, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-            (tmp / SPEC_FILE).write_text(json.dumps(self.spec, indent=2, sort_keys=True))
+            (tmp / SPEC_FILE).write_text(self.spec.to_json())
+            if extra is not None:
+                extra(tmp)
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "HeadTree":
-        """Rebuild the tree from its spec (re-tracing the timm model) and load its weights."""
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = False) -> "HeadTree":
+        """Rebuild the tree from its spec and load its weights.
+
+        The model is created and traced again (the graph is code, not data), but not compared with
+        the eager model: that was done when the tree was split. ``verify=True`` repeats the check.
+        """
         directory = Path(directory)
         spec_path, weights = directory / SPEC_FILE, directory / WEIGHTS_FILE
         if not spec_path.is_file() or not weights.is_file():
@@ -181,204 +271,90 @@ class HeadTree(nn.Module):
                 f"'{directory}' is not a head tree directory (needs {SPEC_FILE} and {WEIGHTS_FILE}); "
                 f"create one with `headsurgeon split`"
             )
+        spec = SplitSpec.from_json(spec_path.read_text(), where=str(spec_path))
+        m = models.model_from_spec(spec)
+        protos, _, owns = _cut(m, spec.at, spec.input_size or models.default_input_size(m),
+                               models.import_classes(spec.leaf_modules), spec.architecture,
+                               check=verify, owns_input=spec.owns_input)
+        if spec.owns_input is not None and tuple(owns) != spec.owns_input:
+            raise HeadsurgeonError(f"'{directory}': segments that mutate their input changed since the split "
+                                   f"({list(spec.owns_input)} -> {owns}); re-create the tree")
+        tree = cls(_grow(protos, spec.fanout)[0], spec.model_copy(update={"owns_input": tuple(owns)}))
         try:
-            spec = json.loads(spec_path.read_text())
-            arch, model_args = spec["architecture"], dict(spec["model_args"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise HeadsurgeonError(f"'{spec_path}' is unreadable ({type(e).__name__}: {e}); re-create the tree") from None
-        if spec.get("format", 0) > FORMAT:
-            raise HeadsurgeonError(f"'{directory}' was written by a newer headsurgeon (format {spec['format']}); upgrade")
-        model = _create(arch, model_args)
-        if spec.get("pretrained_cfg"):
-            model.pretrained_cfg = model.default_cfg = dict(spec["pretrained_cfg"])
-        tree = split(model, spec["at"], spec["heads"], spec["fanout"], spec["rescale"], branch_init="copy",
-                     input_size=spec.get("input_size"), leaf_modules=_import_all(spec.get("leaf_modules", [])),
-                     _quiet=True)
-        try:
-            missing, unexpected = safetensors.torch.load_model(tree, str(weights), strict=True, device=str(device))
+            safetensors.torch.load_model(tree, str(weights), strict=True, device=str(device))
         except Exception as e:
             raise HeadsurgeonError(f"weights in '{weights}' do not fit the tree in its spec: {str(e).splitlines()[0][:300]}") from None
-        tree.spec = spec
         return tree.to(device)
 
 
-def _original_name(tree_name: str) -> str:
-    """``levels.1.0.layer3.0.conv1.weight`` -> ``layer3.0.conv1.weight``."""
-    return tree_name.split(".", 3)[3]
+# ------------------------------------------------------------------------------- split
 
+def split(model: str | nn.Module, at: Sequence[str] | str = (), heads: int = 1, fanout: Sequence[int] | None = None,
+          rescale: bool = True, branch_init: str | None = None, *, weights: str | os.PathLike | None = None,
+          seed: int | None = None, input_size: Sequence[int] | None = None, verify: bool = True,
+          leaf_modules: tuple[type, ...] = (), **create_kwargs: Any) -> HeadTree:
+    """Split a timm model into a tree of ``heads`` classifier heads.
 
-def check_output(target: Path, overwrite: bool) -> None:
-    """Refuse an output that cannot be written; callers run it before work, the write again."""
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise HeadsurgeonError(f"output '{target}' exists and is not a directory; choose another -o")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise HeadsurgeonError(f"output directory '{target}' is not empty; pass --overwrite or choose another -o")
-
-
-class _atomic_dir:
-    """Write into a sibling temp dir and rename it into place, so nothing is half-written."""
-
-    def __init__(self, target: Path, overwrite: bool):
-        self.target, self.overwrite = Path(target), overwrite
-
-    def __enter__(self) -> Path:
-        check_output(self.target, self.overwrite)
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        os.chmod(self.tmp, 0o755)
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.target, old)
-            os.replace(self.tmp, self.target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.target)
-
-
-# ------------------------------------------------------------------------------- model source
-
-_CREATE_ONLY = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
-                "device", "dtype")
-
-
-def _create(name: str, kwargs: dict[str, Any], pretrained: bool = False) -> nn.Module:
-    """``timm.create_model`` with its failures turned into one-line errors."""
-    try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            import difflib
-
-            near = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-            hint = f"; did you mean {', '.join(near)}?" if near else "; see timm.list_models()"
-            raise HeadsurgeonError(f"unknown timm model '{name}'{hint}") from None
-        raise HeadsurgeonError(f"cannot create '{name}': {str(e).splitlines()[0][:300]}") from None
-    except TypeError as e:
-        raise HeadsurgeonError(f"cannot create '{name}' with {kwargs}: {e}") from None
-    except (OSError, ValueError) as e:
-        first = str(e).splitlines()[0].split(". ")[0][:200] if str(e).strip() else ""
-        if pretrained:
-            raise HeadsurgeonError(
-                f"cannot download or read the pretrained weights of '{name}' ({type(e).__name__}: {first}); "
-                f"offline? pass --weights FILE (weights=FILE) with a local safetensors or timm checkpoint"
-            ) from None
-        raise HeadsurgeonError(f"cannot create '{name}': {type(e).__name__}: {first}") from None
-
-
-def _classifier_keys(model: nn.Module) -> set[str]:
-    cls = model.pretrained_cfg.get("classifier") or ()
-    cls = (cls,) if isinstance(cls, str) else tuple(cls)
-    return {k for k in model.state_dict() if any(k == c or k.startswith(c + ".") for c in cls)}
-
-
-def load_weights(model: nn.Module, path: str | os.PathLike) -> set[str]:
-    """Load a local safetensors or timm checkpoint; returns the keys it set.
-
-    Classifier weights of a different shape (a new ``num_classes``) are left to initialise.
+    Args:
+        model: a timm name (``resnet50``, ``local-dir:DIR``, ``hf-hub:user/repo``) or a timm model
+            (copied, never modified).
+        at: split points in forward order (module paths like ``layer3``/``blocks.8``, fx node
+            names, or ``"input"`` for independent instances). Each is the first part every branch owns.
+        heads: number of leaves.
+        fanout: children per fork at each split point (product = heads); default: most balanced.
+        rescale: insert the gradient-rescaling op (x 1/fan-out backward) at every fork.
+        branch_init: ``"independent"`` (every cloned copy gets timm's own initialisation, drawn
+            independently; the default for a randomly initialised model), ``"copy"`` (exact
+            copies) or ``"pretrained"`` (the default with pretrained weights: ``pretrained=True``,
+            ``weights=``, or a module): copy what was pretrained, draw the rest (e.g. a new classifier) per copy.
+        weights: a local safetensors / timm checkpoint to load before splitting.
+        seed: seed of the independent draws (default: drawn from torch's global RNG).
+        input_size: (C, H, W) of the probe batch used to verify the cut; default the model's own.
+        verify: compare the traced graph and the cut chain with the eager model in both modes.
+        leaf_modules: extra module classes to keep whole when tracing.
+        **create_kwargs: passed to ``timm.create_model`` (``num_classes``, ``pretrained``, ...).
     """
-    from timm.models import load_state_dict
+    at = [p for p in at.split(",") if p] if isinstance(at, str) else list(at)
+    if not isinstance(heads, int) or heads < 1:
+        raise HeadsurgeonError(f"heads must be a positive integer, got {heads!r}")
+    if heads > 1 and not at:
+        raise HeadsurgeonError(f"{heads} heads need at least one split point; pass at=['input'] for independent instances")
+    fanout = default_fanout(heads, len(at)) if fanout is None else [int(f) for f in fanout]
+    if len(fanout) != len(at) or math.prod(fanout) != heads or any(f < 1 for f in fanout):
+        raise HeadsurgeonError(f"fan-out {fanout} does not match {len(at)} split point(s) and {heads} heads: "
+                               f"give one positive factor per split point whose product is {heads}")
+    if branch_init not in (None, *BRANCH_INITS):
+        raise HeadsurgeonError(f"branch_init must be one of {', '.join(BRANCH_INITS)}, got {branch_init!r}")
 
-    path = Path(path)
-    if not path.is_file():
-        raise HeadsurgeonError(f"weights file '{path}' does not exist")
-    try:
-        sd = load_state_dict(str(path), weights_only=True)
-    except Exception as e:
-        raise HeadsurgeonError(f"cannot read weights file '{path}': {str(e).splitlines()[0][:200]}") from None
-    own = model.state_dict()
-    unexpected = sorted(set(sd) - set(own))
-    wrong = sorted(k for k in sd if k in own and sd[k].shape != own[k].shape)
-    classifier = _classifier_keys(model)
-    if unexpected or set(wrong) - classifier:
-        bad = (unexpected + [k for k in wrong if k not in classifier])[:4]
-        raise HeadsurgeonError(f"weights file '{path}' does not fit {model.pretrained_cfg.get('architecture')}: "
-                               f"unexpected or mis-shaped keys {bad}")
-    sd = {k: v for k, v in sd.items() if k not in wrong}
-    model.load_state_dict(sd, strict=False)
-    return set(sd)
-
-
-def _json_safe(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
-
-
-def _source(model: str | nn.Module, create_kwargs: dict[str, Any], weights: str | None
-            ) -> tuple[nn.Module, str | None, set[str] | None]:
-    """The model, its name, and the keys holding meaningful (pretrained) weights (None: random init)."""
-    if isinstance(model, nn.Module):
-        if create_kwargs:
-            raise HeadsurgeonError("create_kwargs only apply when split() is given a model name, not a module")
-        m = copy.deepcopy(model)  # never mutate the caller's model
-        trained = set(m.state_dict())
-        name = None
-    else:
-        pretrained = bool(create_kwargs.pop("pretrained", False))
-        m = _create(model, create_kwargs, pretrained=pretrained)
-        name = model
-        trained = None
-        if pretrained:
-            trained = set(m.state_dict())
-            if create_kwargs.get("num_classes") not in (None, m.pretrained_cfg.get("num_classes")):
-                trained -= _classifier_keys(m)
-    if weights is not None:
-        trained = (trained or set()) | load_weights(m, weights)
-    return m, name, trained
-
-
-def _architecture(m: nn.Module) -> str:
-    cfg = getattr(m, "pretrained_cfg", None) or getattr(m, "default_cfg", None) or {}
-    arch = cfg.get("architecture")
-    if not arch or not timm.is_model(arch):
-        raise HeadsurgeonError(f"{type(m).__name__} is not a timm model (no registered architecture in pretrained_cfg); "
-                               f"create it with timm.create_model")
-    return arch
-
-
-def _model_args(m: nn.Module) -> dict[str, Any]:
-    args = {k: v for k, v in getattr(m, "_model_args", {}).items() if k not in _CREATE_ONLY}
-    try:
-        json.dumps(args)
-    except TypeError:
-        bad = [k for k, v in args.items() if not _is_json(v)]
-        raise HeadsurgeonError(f"model kwargs {bad} are not JSON-serialisable; pass them as names or numbers") from None
-    return args
-
-
-def _is_json(v: Any) -> bool:
-    try:
-        json.dumps(v)
-        return True
-    except TypeError:
-        return False
-
-
-def _import_all(paths: Sequence[str]) -> tuple[type, ...]:
-    out = []
-    for p in paths:
-        mod, _, qual = p.partition(":")
-        obj = importlib.import_module(mod)
-        for part in qual.split("."):
-            obj = getattr(obj, part)
-        out.append(obj)
-    return tuple(out)
-
-
-def default_input_size(m: nn.Module) -> tuple[int, int, int]:
-    """The model's own input size, including ``img_size=`` given at creation."""
-    try:
-        from timm.models._input import get_model_input_config
-
-        return tuple(get_model_input_config(m)["input_size"])
-    except Exception:  # older timm
-        return tuple(m.pretrained_cfg.get("input_size", (3, 224, 224)))
+    src = models.source(model, create_kwargs, weights)
+    m, label = src.model, src.name or type(src.model).__name__
+    arch, args = models.architecture(m), models.model_args(m)  # before tracing: a non-timm model fails fast
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    size = tuple(input_size) if input_size else models.default_input_size(m)
+    protos, unused, owns = _cut(m, at, size, leaf_modules, label, check=verify)
+    spec = SplitSpec(
+        source=src.name, architecture=arch, model_args=args, pretrained_cfg=models.pretrained_cfg(m),
+        no_weight_decay=sorted(models.no_weight_decay(m)), unused=unused, at=at, heads=heads, fanout=fanout,
+        rescale=bool(rescale), branch_init=branch_init or ("independent" if src.trained is None else "pretrained"),
+        seed=int(seed), input_size=size,
+        leaf_modules=[models.class_path(c) for c in leaf_modules], owns_input=owns,
+        versions={"headsurgeon": __version__, "timm": timm.__version__, "torch": torch.__version__},
+    )
+    levels, shared = _grow(protos, fanout)
+    fresh = _independent_keys(m, src.trained, spec.branch_init)
+    if fresh and heads > 1:
+        _draw_independent(levels, spec, fresh, shared)
+    elif heads > 1 and spec.branch_init == "pretrained" and not _has_stochastic(protos[1:]):
+        warnings.warn(
+            f"all {heads} heads start as exact copies and {label} has no dropout/drop-path in its branches, so they will "
+            f"stay identical and collaborative learning will do nothing; use branch_init='independent' "
+            f"(--branch-init independent) or create the model with drop_path_rate/drop_rate > 0",
+            stacklevel=2,
+        )
+    tree = HeadTree(levels, spec)
+    tree.train(m.training)
+    return tree
 
 
 def default_fanout(heads: int, levels: int) -> list[int]:
@@ -401,17 +377,52 @@ def default_fanout(heads: int, levels: int) -> list[int]:
     return best
 
 
-# ------------------------------------------------------------------------------- split
+def _cut(m: nn.Module, at: Sequence[str], size: Sequence[int], leaf_modules: tuple[type, ...], label: str,
+         check: bool, owns_input: Sequence[bool] | None = None) -> tuple[list[nn.Module], list[str], list[bool]]:
+    """Trace ``m`` in both modes and cut it at ``at``: the segments, the keys no node reads, and
+    per segment whether it mutates a value it is given (probed unless ``owns_input`` is known).
+
+    ``check`` compares the traced graph and the chain of segments with the eager model in both modes.
+    """
+    traced = trace(m, label, leaf_modules)
+    valid = None
+    cuts = {}
+    for mode, g, names in (("train", traced.train_graph, traced.train_names), ("eval", traced.eval_graph, traced.eval_names)):
+        valid = valid or _valid_points(m, names)
+        cuts[mode] = resolve_all(g, names, at, label, valid)
+    tgs, egs = cut_graph(traced.train_graph, cuts["train"]), cut_graph(traced.eval_graph, cuts["eval"])
+    for s, (tg, eg) in enumerate(zip(tgs, egs)):
+        if sum(n.op == "placeholder" for n in tg.nodes) != sum(n.op == "placeholder" for n in eg.nodes):
+            raise HeadsurgeonError(f"{label} passes different values across '{at[s - 1]}' in train and eval mode; "
+                                   f"choose another split point or create the model with drop rates of 0")
+    protos = [_segment(m, tg, eg) for tg, eg in zip(tgs, egs)]
+    unused = _fix_keys(protos, m)
+
+    mutated = [False] * len(protos)
+    example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+    if check:
+        whole = _segment(m, traced.train_graph, traced.eval_graph)
+        verify.check_against_eager(m, {"the traced graph": (whole, [whole]),
+                                       "the cut model": (lambda x: _probe_chain(protos, x, mutated), protos)},
+                                   example, label)
+    elif owns_input is None:
+        verify.run_both_modes(lambda x: _probe_chain(protos, x, mutated), example, m, *protos)
+    else:
+        mutated = list(owns_input)
+    return protos, unused, mutated
+
+
+def _valid_points(m: nn.Module, names: dict[fx.Node, str]) -> list[str]:
+    """Split points to suggest: timm ``feature_info`` modules that resolve, then every other path."""
+    feats = feature_points(m, names)
+    return feats + [p for p in point_names(names) if p not in feats]
+
 
 def _segment(root: nn.Module, tg: fx.Graph, eg: fx.Graph) -> fx.GraphModule:
-    same = tg.python_code(root_module="self").src == eg.python_code(root_module="self").src
-    if same:
+    """One graph when train and eval trace alike, else torchvision's train/eval ``DualGraphModule``."""
+    if tg.python_code(root_module="self").src == eg.python_code(root_module="self").src:
         return fx.GraphModule(root, tg, class_name="Segment")
     return DualGraphModule(root, tg, eg, class_name="Segment")
-
-
-def _tensor_owner(seg: nn.Module) -> dict[int, torch.Tensor]:
-    return {id(t): t for t in [*seg.parameters(), *seg.buffers()]}
 
 
 def _fix_keys(segs: list[fx.GraphModule], model: nn.Module) -> list[str]:
@@ -420,7 +431,7 @@ def _fix_keys(segs: list[fx.GraphModule], model: nn.Module) -> list[str]:
     fx stores tensor constants as ``_tensor_constantN`` buffers (extra keys that would break a
     strict reload); parameters no node reads would be missing from a collapsed model.
     """
-    from torch.fx.graph_module import _copy_attr
+    from torch.fx.graph_module import _copy_attr  # torch's own helper for copying a dotted attribute
 
     own = model.state_dict(keep_vars=True)
     for seg in segs:
@@ -432,8 +443,7 @@ def _fix_keys(segs: list[fx.GraphModule], model: nn.Module) -> list[str]:
     unused = [key for key in own if key not in seen]
     for key in unused:
         _copy_attr(model, segs[0], key)
-    got = [set(s.state_dict()) for s in segs]
-    union = set().union(*got)
+    union = set().union(*(set(s.state_dict()) for s in segs))
     if union != set(own):
         raise HeadsurgeonError(f"internal: segment keys {sorted(union ^ set(own))[:5]} do not match the model")
     return unused
@@ -443,147 +453,36 @@ def _probe_chain(segs: list[nn.Module], x: torch.Tensor, mutated: list[bool]) ->
     """Run segments in sequence; note which segment modifies a value it was given in place."""
     vals: Any = segs[0](x)
     for s in range(1, len(segs)):
-        ins = [t for t in torch.utils._pytree.tree_leaves(vals) if isinstance(t, torch.Tensor)]
+        ins = [t for t in tree_leaves(vals) if isinstance(t, torch.Tensor)]
         before = [t._version for t in ins]
         vals = segs[s](*vals)
         mutated[s] |= any(t._version != v for t, v in zip(ins, before))
     return vals
 
 
-def split(model: str | nn.Module, at: Sequence[str] | str = (), heads: int = 1, fanout: Sequence[int] | None = None,
-          rescale: bool = True, branch_init: str | None = None, *, weights: str | os.PathLike | None = None,
-          seed: int | None = None, input_size: Sequence[int] | None = None, verify: bool = True,
-          leaf_modules: tuple[type, ...] = (), _quiet: bool = False, **create_kwargs: Any) -> HeadTree:
-    """Split a timm model into a tree of ``heads`` classifier heads.
+def _grow(protos: list[nn.Module], fanout: Sequence[int]) -> tuple[list[list[nn.Module]], set[int]]:
+    """Levels of copies of each segment, and the ids of tensors every copy shares.
 
-    Args:
-        model: a timm name (``resnet50``, ``local-dir:DIR``, ``hf-hub:user/repo``) or a timm model.
-        at: split points in forward order (module paths like ``layer3``/``blocks.8``, fx node
-            names, or ``"input"`` for independent instances). Each is the first part every branch owns.
-        heads: number of leaves. ``fanout``: children per fork per level (product = heads).
-        rescale: insert the gradient-rescaling op (x 1/fan-out backward) at every fork.
-        branch_init: ``"independent"`` (every cloned copy gets timm's own initialisation, drawn
-            independently; the default for a randomly initialised model) or ``"copy"`` (exact
-            copies). With pretrained weights (``pretrained=True``, ``weights=``, or a module) the
-            default copies what was pretrained and draws the rest (e.g. a new classifier) per branch.
-        weights: a local safetensors / timm checkpoint to load before splitting.
-        seed: seed of the independent draws (default: drawn from torch's global RNG).
-        input_size: (C, H, W) of the probe batch used to verify the cut; default the model's own.
-        **create_kwargs: passed to ``timm.create_model`` (``num_classes``, ``pretrained``, ...).
+    A tensor read by more than one segment stays one tensor shared by every branch (CoaT), and so
+    does a module whose every tensor is shared.
     """
-    at = [p for p in at.split(",") if p] if isinstance(at, str) else list(at)
-    if not isinstance(heads, int) or heads < 1:
-        raise HeadsurgeonError(f"heads must be a positive integer, got {heads!r}")
-    if heads > 1 and not at:
-        raise HeadsurgeonError(f"{heads} heads need at least one split point; pass at=['input'] for independent instances")
-    fanout = default_fanout(heads, len(at)) if fanout is None else [int(f) for f in fanout]
-    if len(fanout) != len(at) or math.prod(fanout) != heads or any(f < 1 for f in fanout):
-        raise HeadsurgeonError(f"fan-out {fanout} does not match {len(at)} split point(s) and {heads} heads: "
-                               f"give one positive factor per split point whose product is {heads}")
-    if branch_init not in (None, *BRANCH_INITS):
-        raise HeadsurgeonError(f"branch_init must be one of {', '.join(BRANCH_INITS)}, got {branch_init!r}")
-
-    m, name, trained = _source(model, dict(create_kwargs), weights)
-    label = name or type(m).__name__
-    arch, args = _architecture(m), _model_args(m)
-    if branch_init is None:
-        branch_init = "independent" if trained is None else "pretrained"
-    if seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
-
-    traced: Traced = trace(m, label, leaf_modules)
-    size = tuple(input_size) if input_size else default_input_size(m)
-    example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
-    valid = None
-    cuts = {}
-    for mode, g, names in (("train", traced.train_graph, traced.train_names), ("eval", traced.eval_graph, traced.eval_names)):
-        valid = valid or _valid_points(m, names)
-        cuts[mode] = resolve_all(g, names, at, label, valid)
-    tgs, egs = cut_graph(traced.train_graph, cuts["train"]), cut_graph(traced.eval_graph, cuts["eval"])
-    for s, (tg, eg) in enumerate(zip(tgs, egs)):
-        nt = sum(n.op == "placeholder" for n in tg.nodes)
-        ne = sum(n.op == "placeholder" for n in eg.nodes)
-        if nt != ne:
-            raise HeadsurgeonError(f"{label} passes different values across '{at[s - 1]}' in train and eval mode; "
-                                   f"choose another split point or create the model with drop rates of 0")
-    protos = [_segment(m, tg, eg) for tg, eg in zip(tgs, egs)]
-    unused = _fix_keys(protos, m)
-
-    # Verify the cut chain against eager in both modes, and find segments that mutate inputs.
-    mutated = [False] * len(protos)
-    if verify:
-        whole = _segment(m, traced.train_graph, traced.eval_graph)
-        check_against_eager(m, {"the traced graph": (whole, [whole]),
-                                "the cut model": (lambda x: _probe_chain(protos, x, mutated), protos)}, example, label)
-    else:
-        run_both_modes(lambda x: _probe_chain(protos, x, mutated), example, m, *protos)
-
-    # Tensors read by more than one segment stay one tensor shared by every branch (CoaT).
-    owners = [_tensor_owner(p) for p in protos]
+    owners = [{id(t): t for t in [*p.parameters(), *p.buffers()]} for p in protos]
     counts: dict[int, int] = {}
     for o in owners:
         for k in o:
             counts[k] = counts.get(k, 0) + 1
     shared = {k for k, c in counts.items() if c > 1}
-    memo_base = {k: owners[i][k] for i in range(len(owners)) for k in owners[i] if k in shared}
-    for p in protos:  # modules whose every tensor is shared are shared too
+    memo: dict[int, Any] = {k: o[k] for o in owners for k in o if k in shared}
+    for p in protos:
         for mod in p.modules():
             ts = [*mod.parameters(), *mod.buffers()]
             if ts and all(id(t) in shared for t in ts):
-                memo_base[id(mod)] = mod
-
+                memo[id(mod)] = mod
     levels: list[list[nn.Module]] = [[protos[0]]]
     for level in range(1, len(protos)):
         n = math.prod(fanout[:level])
-        levels.append([protos[level]] + [copy.deepcopy(protos[level], dict(memo_base)) for _ in range(n - 1)])
-
-    fresh_keys = _independent_keys(m, trained, branch_init)
-    if fresh_keys and heads > 1:
-        _draw_independent(levels, arch, args, fresh_keys, seed, shared_ids=shared)
-    elif heads > 1 and branch_init == "pretrained" and not _quiet and not _has_stochastic(protos[1:]):
-        warnings.warn(
-            f"all {heads} heads start as exact copies and {label} has no dropout/drop-path in its branches, so they will "
-            f"stay identical and collaborative learning will do nothing; use branch_init='independent' "
-            f"(--branch-init independent) or create the model with drop_path_rate/drop_rate > 0",
-            stacklevel=2,
-        )
-
-    spec = {
-        "format": FORMAT,
-        "source": name,
-        "architecture": arch,
-        "model_args": args,
-        "pretrained_cfg": _json_safe(dict(getattr(m, "pretrained_cfg", {}) or {})),
-        "no_weight_decay": sorted(_no_weight_decay(m)),
-        "unused": unused,  # weights no node reads: kept in the trunk for the strict reload
-        "at": at,
-        "heads": heads,
-        "fanout": fanout,
-        "rescale": bool(rescale),
-        "branch_init": branch_init,
-        "seed": seed,
-        "input_size": list(size),
-        "leaf_modules": [f"{c.__module__}:{c.__qualname__}" for c in leaf_modules],
-        "versions": {"headsurgeon": __version__, "timm": timm.__version__, "torch": torch.__version__},
-    }
-    tree = HeadTree(levels, fanout, rescale, mutated, spec)
-    tree.train(m.training)
-    return tree
-
-
-def _valid_points(m: nn.Module, names: dict[fx.Node, str]) -> list[str]:
-    """Split points to suggest: timm ``feature_info`` modules that resolve, then every other path."""
-    feats = feature_points(m, names)
-    return feats + [p for p in point_names(names) if p not in feats]
-
-
-def _no_weight_decay(m: nn.Module) -> set[str]:
-    fn = getattr(m, "no_weight_decay", None)
-    if not callable(fn):
-        return set()
-    names = set(fn())
-    params = dict(m.named_parameters())
-    return {n for n in params if n in names or any(n.startswith(p + ".") for p in names)}
+        levels.append([protos[level]] + [copy.deepcopy(protos[level], dict(memo)) for _ in range(n - 1)])
+    return levels, shared
 
 
 def _independent_keys(m: nn.Module, trained: set[str] | None, branch_init: str) -> set[str]:
@@ -608,9 +507,8 @@ def _has_stochastic(segs: Sequence[nn.Module]) -> bool:
     return False
 
 
-def _draw_independent(levels: list[list[nn.Module]], arch: str, args: dict[str, Any],
-                      keys: set[str], seed: int, shared_ids: set[int]) -> None:
-    """Give copy ``j`` of every cloned segment the weights of a fresh instance seeded ``seed + j``.
+def _draw_independent(levels: list[list[nn.Module]], spec: SplitSpec, keys: set[str], shared_ids: set[int]) -> None:
+    """Give copy ``j`` of every cloned segment the weights of a fresh instance seeded ``spec.seed + j``.
 
     Copy 0 keeps the source's weights; each head is therefore made of timm's own
     initialisation of its architecture, drawn independently per copy.
@@ -618,13 +516,12 @@ def _draw_independent(levels: list[list[nn.Module]], arch: str, args: dict[str, 
     width = max(len(segs) for segs in levels)
     for j in range(1, width):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + j)
-            fresh = _create(arch, args).state_dict()
+            torch.manual_seed(spec.seed + j)
+            fresh = models.model_from_spec(spec).state_dict()
         for segs in levels[1:]:
             if j < len(segs):
-                seg = segs[j]
                 with torch.no_grad():
-                    for k, t in seg.state_dict(keep_vars=True).items():
+                    for k, t in segs[j].state_dict(keep_vars=True).items():
                         if k in keys and id(t) not in shared_ids:
                             t.copy_(fresh[k])
         del fresh

@@ -10,9 +10,10 @@ import yaml
 from click.testing import CliRunner
 
 import headsurgeon as hs
-from headsurgeon.card import (REPO_PLACEHOLDER, build_card, for_repo, hub_dataset, read_front_matter, sha256_file)
+from headsurgeon.card import REPO_PLACEHOLDER, build_card, for_repo, hub_dataset, read_front_matter
 from headsurgeon.cli import main
 from headsurgeon.hub import verify
+from headsurgeon.storage import sha256_file
 
 SUMMARY = {"run": "runs/x", "finished": True, "epochs_done": 6, "epochs": 6, "best_epoch": 5, "best_head": 1,
            "heads": [{"index": 0, "val_top1": 81.25, "test_top1": 80.0}, {"index": 1, "val_top1": 87.5, "test_top1": 84.1}],
@@ -110,8 +111,8 @@ def test_card_helpers():
     assert read_front_matter("no front matter") is None and read_front_matter("---\n[: x\n---\n") is None
     assert for_repo(f"x hf-hub:{REPO_PLACEHOLDER} y", "me/m") == "x hf-hub:me/m y"
     assert hub_dataset("hfds/ns/data") == "ns/data" and hub_dataset("digits") is None and hub_dataset(None) is None
-    spec = {"architecture": "resnet18", "model_args": {"num_classes": 10}, "at": ["input"], "heads": 3,
-            "fanout": [3], "rescale": False, "branch_init": "independent", "seed": 0, "input_size": [3, 64, 64]}
+    spec = hs.SplitSpec(architecture="resnet18", model_args={"num_classes": 10}, at=["input"], heads=3, fanout=[3],
+                        rescale=False, branch_init="independent", seed=0, input_size=[3, 64, 64])
     card = build_card(spec, 2)
     assert "off (ablation)" in card and "for 10 classes at input size 3x64x64" in card
     assert read_front_matter(card)["headsurgeon"]["files"] == {}

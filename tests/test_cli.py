@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from headsurgeon.cli import main
-from headsurgeon.trace import max_abs_diff
+from headsurgeon.verify import max_abs_diff
 
 
 def _run(*args, ok=True):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import headsurgeon as hs
-from headsurgeon.trace import max_abs_diff
+from headsurgeon.verify import max_abs_diff
 from headsurgeon.tree import default_fanout
 
 SIZE = (3, 32, 32)
@@ -44,8 +44,8 @@ def test_tree_shape_names_and_paths():
     for name, _ in tree.named_parameters():
         assert any(name.endswith("." + t) for t in timm_names), name
     assert any(n.endswith("layer3.0.conv1.weight") for n, _ in tree.named_parameters())
-    json.dumps(tree.spec)  # JSON-serialisable
-    assert tree.spec["fanout"] == [2, 2] and tree.spec["architecture"] == "resnet18"
+    assert hs.SplitSpec.from_json(tree.spec.to_json()) == tree.spec  # round-trips through JSON
+    assert tree.spec.fanout == (2, 2) and tree.spec.architecture == "resnet18"
     with pytest.raises(hs.HeadsurgeonError, match="head 4 does not exist"):
         tree.path(4)
 
@@ -76,7 +76,7 @@ def test_each_shared_segment_runs_once():
 
 def test_independent_init_is_timm_init_per_copy():
     tree = hs.split("resnet18", at=["layer3", "layer4"], heads=4, seed=11, num_classes=7, input_size=SIZE)
-    assert tree.spec["branch_init"] == "independent"
+    assert tree.spec.branch_init == "independent"
     tree.eval()
     with torch.no_grad():
         outs = tree(_x())
@@ -97,7 +97,7 @@ def test_pretrained_like_module_copies_weights_and_warns():
     model = _resnet()
     with pytest.warns(UserWarning, match="identical"):
         tree = hs.split(model, at=["layer4"], heads=2, input_size=SIZE)
-    assert tree.spec["branch_init"] == "pretrained"
+    assert tree.spec.branch_init == "pretrained"
     tree.eval()
     with torch.no_grad():
         a, b = tree(_x())
@@ -111,7 +111,7 @@ def test_weights_file_new_classifier_drawn_per_branch(tmp_path):
     save_file(src.state_dict(), tmp_path / "w.safetensors")
     tree = hs.split("resnet18", at=["layer4"], heads=2, num_classes=7, weights=tmp_path / "w.safetensors",
                     seed=5, input_size=SIZE)
-    assert tree.spec["branch_init"] == "pretrained"
+    assert tree.spec.branch_init == "pretrained"
     l0, l1 = tree.levels[1][0].state_dict(), tree.levels[1][1].state_dict()
     assert torch.equal(l0["layer4.0.conv1.weight"], src.state_dict()["layer4.0.conv1.weight"])
     assert torch.equal(l0["layer4.0.conv1.weight"], l1["layer4.0.conv1.weight"])
@@ -374,3 +374,34 @@ def test_torch_compile_whole_tree_train_and_eval():
     tree.eval()
     with torch.no_grad():
         assert all(max_abs_diff(a, b) <= 1e-5 for a, b in zip(compiled(x), tree(x)))
+
+
+def test_load_skips_the_eager_check_unless_asked(tmp_path):
+    """What split probed (which segments mutate their input) is stored, so load needs no forward pass."""
+    tree = hs.split(_resnet(), at=["act1"], heads=2, seed=2, branch_init="independent", input_size=SIZE)
+    tree.save(tmp_path / "t")
+    assert hs.HeadTree.load(tmp_path / "t").owns_input == tree.owns_input == [False, True]
+    assert hs.HeadTree.load(tmp_path / "t", verify=True).owns_input == [False, True]
+    old = tmp_path / "old"  # written before owns_input was recorded: probed at load
+    old.mkdir()
+    spec = json.loads((tmp_path / "t" / "spec.json").read_text())
+    del spec["owns_input"]
+    (old / "spec.json").write_text(json.dumps(spec))
+    (old / "tree.safetensors").write_bytes((tmp_path / "t" / "tree.safetensors").read_bytes())
+    back = hs.HeadTree.load(old).eval()
+    assert back.owns_input == [False, True] and back.spec.owns_input == (False, True)
+    tree.eval()
+    with torch.no_grad():
+        assert max_abs_diff(back.collapse(1)(_x()), tree(_x())[1]) == 0
+
+
+def test_spec_is_validated():
+    spec = hs.split(_resnet(), at=["layer4"], heads=2, branch_init="copy", input_size=SIZE, verify=False).spec
+    with pytest.raises(hs.HeadsurgeonError, match=r"unreadable \(.*fanout"):
+        hs.SplitSpec.from_json(spec.to_json().replace('"heads": 2', '"heads": 3'))
+    with pytest.raises(hs.HeadsurgeonError, match="rescale"):
+        hs.SplitSpec.from_json(spec.to_json().replace('"rescale": true', '"rescale": 1'))
+    with pytest.raises(hs.HeadsurgeonError, match="newer headsurgeon"):
+        hs.SplitSpec.from_json(spec.to_json().replace('"format": 1', '"format": 99'))
+    with pytest.raises(Exception):
+        spec.heads = 4  # frozen

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import headsurgeon as hs
-from headsurgeon.trace import max_abs_diff
+from headsurgeon.verify import max_abs_diff
 
 # (name, input side, extra create kwargs). Small inputs where the model allows; a few big
 # architectures are shrunk through kwargs (the kwargs travel in model_args, so collapse rebuilds them).

@@ -1,0 +1,146 @@
+"""Every numerical check: a cut, a collapsed head and an exported model must compute what they came from.
+
+Tracing freezes ``self.training`` branches, so the cut is compared with the eager model in
+both modes (train mode under one RNG seed, running statistics restored afterwards). Collapse
+and export compare eval logits. :func:`train_mode` / :func:`eval_mode` are the one way the
+package switches a module's mode for a while.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from .errors import HeadsurgeonError
+
+COLLAPSE_ATOL = 1e-5  # collapsed head vs tree head, eval logits, fp32
+
+
+@contextmanager
+def _mode(train: bool, modules: tuple[nn.Module, ...]) -> Iterator[None]:
+    was = [m.training for m in modules]
+    for m in modules:
+        m.train(train)
+    try:
+        yield
+    finally:
+        for m, w in reversed(list(zip(modules, was))):  # the first module's mode wins where modules share children
+            m.train(w)
+
+
+def train_mode(*modules: nn.Module):
+    """Put ``modules`` in train mode for the block and give each its own mode back after."""
+    return _mode(True, modules)
+
+
+def eval_mode(*modules: nn.Module):
+    """Put ``modules`` in eval mode for the block and give each its own mode back after."""
+    return _mode(False, modules)
+
+
+def max_abs_diff(a: Any, b: Any) -> float:
+    """Largest absolute difference between two outputs (tensors or nested tuples/lists/dicts of them).
+
+    Different structure or shapes give ``inf``; a NaN anywhere gives ``nan`` (never "equal").
+    """
+    la, lb = tree_leaves(a), tree_leaves(b)
+    if len(la) != len(lb):
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape:
+                return float("inf")
+            if x.numel():
+                d = (x.detach().double() - y.detach().double()).abs().max().item()
+                if d != d:
+                    return float("nan")
+                worst = max(worst, d)
+        elif x != y:
+            return float("inf")
+    return worst
+
+
+def tolerance(reference: Any, atol: float = 1e-5) -> float:
+    """``atol`` scaled by the output's magnitude: fp32 summation order may differ by an ulp."""
+    big = max((t.detach().abs().max().item() for t in tree_leaves(reference)
+               if isinstance(t, torch.Tensor) and t.numel() and t.is_floating_point()), default=1.0)
+    return atol * max(1.0, big)
+
+
+class BufferSnapshot:
+    """Restore running statistics after a train-mode check so that checks leave no trace."""
+
+    def __init__(self, *modules: nn.Module):
+        self.saved = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for b, v in self.saved:
+                b.copy_(v)
+
+
+def run_both_modes(fn: Callable[[torch.Tensor], Any], example: torch.Tensor, *modules: nn.Module,
+                   seed: int = 0) -> dict[str, Any]:
+    """Outputs of ``fn(example)`` in eval and in train mode (same RNG seed); buffers and modes restored."""
+    out = {}
+    snap = BufferSnapshot(*modules)
+    try:
+        for mode in ("eval", "train"):
+            with _mode(mode == "train", modules), torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                out[mode] = fn(example)
+            snap.restore()
+    finally:
+        snap.restore()
+    return out
+
+
+def check_against_eager(model: nn.Module, candidates: Mapping[str, tuple[Callable, list[nn.Module]]],
+                        example: torch.Tensor, name: str) -> None:
+    """Raise if any candidate (``what -> (fn, its modules)``: a graph, a chain of segments)
+    differs from eager in either mode. The eager reference is computed once for all of them."""
+    ref = run_both_modes(model, example, model)
+    for what, (candidate, candidate_modules) in candidates.items():
+        got = run_both_modes(candidate, example, model, *candidate_modules)
+        for mode in ("eval", "train"):
+            diff = max_abs_diff(ref[mode], got[mode])
+            if not diff <= tolerance(ref[mode]):
+                raise HeadsurgeonError(
+                    f"{what} of {name} differs from the eager model in {mode} mode (max abs diff {diff:.3g}); "
+                    f"this model cannot be cut exactly, please report it"
+                )
+
+
+def probe(input_size, seed: int, like: nn.Module, batch: int = 2) -> torch.Tensor:
+    """A seeded random batch on ``like``'s device and dtype."""
+    p = next(iter(like.parameters()))
+    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed))
+    return x.to(device=p.device, dtype=p.dtype)
+
+
+def check_collapsed(tree: nn.Module, head: int, model: nn.Module, x: torch.Tensor, atol: float = COLLAPSE_ATOL) -> None:
+    """The collapsed ``model``'s eval logits must equal head ``head`` of ``tree`` within ``atol``."""
+    with eval_mode(tree, model), torch.no_grad():
+        diff = max_abs_diff(tree(x)[head], model(x))
+    if not diff <= atol:
+        raise HeadsurgeonError(f"collapsed head {head} differs from the tree by {diff:.3g} (> {atol}); please report this")
+
+
+def check_reload(model: nn.Module, directory: Path) -> None:
+    """``timm.create_model('local-dir:DIR', pretrained=True)`` must give exactly ``model``'s eval logits."""
+    import timm
+
+    from .models import default_input_size
+
+    p = next(iter(model.parameters()))
+    reloaded = timm.create_model(f"local-dir:{Path(directory).resolve()}", pretrained=True).to(p.device, p.dtype).eval()
+    x = probe(default_input_size(model), 7, model)
+    with eval_mode(model), torch.no_grad():
+        diff = max_abs_diff(model(x), reloaded(x))
+    if not diff == 0.0:
+        raise HeadsurgeonError(f"the exported model reloads with different logits (max abs diff {diff:.3g}); please report this")
