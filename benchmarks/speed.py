@@ -11,6 +11,9 @@ Also: FLOPs of one training step (forward + backward, torch's ``FlopCounterMode`
 the single model — the physical limit of what sharing saves; memory (CUDA: peak allocated;
 CPU: parameters + gradients + tensors saved for backward, measured with saved-tensor hooks);
 split time (trace + cut + clone, verification excluded and reported apart) and collapse time.
+The hierarchical tree also runs with gradient checkpointing (``HeadTree.set_grad_checkpointing``);
+on CPU its memory counts what the forward keeps for backward (each checkpointed segment keeps
+only its inputs), not the one segment at a time that the backward pass recomputes.
 
     python benchmarks/speed.py                      # CPU defaults: small inputs and batches
     python benchmarks/speed.py --device cuda --size 224 --batch 64 --amp --channels-last --compile
@@ -202,7 +205,10 @@ def bench_model(name: str, at: list[str], heads: int, args) -> dict:
         "hand simple": HandTree(copy.deepcopy(base), at[:1], [heads]),
         "tree hierarchical": hs.split(base, at=at, heads=heads, branch_init="copy", verify=False, input_size=size),
         "hand hierarchical": HandTree(copy.deepcopy(base), at, hs.tree.default_fanout(heads, len(at))),
+        "tree hierarchical, grad checkpointing": hs.split(base, at=at, heads=heads, branch_init="copy", verify=False,
+                                                           input_size=size),
     }
+    variants["tree hierarchical, grad checkpointing"].set_grad_checkpointing(True)
     steps, flops, mem = {}, {}, {}
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, *size, generator=g).to(device)
@@ -241,6 +247,8 @@ def bench_model(name: str, at: list[str], heads: int, args) -> dict:
         "tree_vs_hand_hierarchical": med["tree hierarchical"] / med["hand hierarchical"],
         "tree_vs_hand_simple": med["tree simple"] / med["hand simple"],
         "instances_vs_tree": med[f"{heads} instances"] / med["tree hierarchical"],
+        "ckpt_memory_vs_single": mem["tree hierarchical, grad checkpointing"] / mem["single"],
+        "ckpt_time_vs_single": med["tree hierarchical, grad checkpointing"] / single,
     }
     return {"model": name, "at": at, "heads": heads, "input": list(size), "batch": args.batch, "rows": rows,
             "goals": goals, "split_s": t_split, "split_independent_s": t_split_ind, "split_verified_s": t_split_ver,
@@ -266,6 +274,9 @@ def render(results: list[dict], args, cmd: str) -> str:
                 f"- tree / hand-written: hierarchical **{g['tree_vs_hand_hierarchical']:.3f}**, simple "
                 f"**{g['tree_vs_hand_simple']:.3f}** (goal ≤ 1.02)",
                 f"- {r['heads']} instances / hierarchical tree: **{g['instances_vs_tree']:.2f}x** (goal ≥ 1.9 for resnet50)",
+                f"- hierarchical tree with gradient checkpointing / single model: memory "
+                f"**{g.get('ckpt_memory_vs_single', float('nan')):.2f}x** (goal ≤ 1.3), step time "
+                f"**{g.get('ckpt_time_vs_single', float('nan')):.2f}x** (goal ≤ 1.35)",
                 f"- split (trace + cut + clone, copied branches): **{r['split_s']:.2f} s**; with independent "
                 f"initialisation {r['split_independent_s']:.2f} s; with verification {r['split_verified_s']:.2f} s; "
                 f"collapse (incl. its verification) {r['collapse_s']:.2f} s", ""]

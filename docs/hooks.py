@@ -1,7 +1,7 @@
 """mkdocs hook: pages generated from the code, so they cannot drift from it.
 
 ``<!-- recipe-keys -->`` in a page becomes the table of every recipe key in
-``headsurgeon.recipe.SCHEMA`` with its default, allowed values and meaning.
+``headsurgeon.recipe.key_docs()`` with its default, allowed values and meaning.
 """
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ def _cell(value) -> str:
 
 
 def recipe_table() -> str:
-    from headsurgeon.recipe import SCHEMA, _describe
+    from headsurgeon.recipe import key_docs
 
     rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
-    for key, field in SCHEMA.items():
-        rows.append(f"| `{key}` | {_cell(field.default)} | {_describe(field).replace('|', chr(92) + '|')} | "
-                    f"{field.help.replace('|', chr(92) + '|')} |")
+    for d in key_docs():
+        rows.append(f"| `{d['key']}` | {_cell(d['default'])} | {d['allowed'].replace('|', chr(92) + '|')} | "
+                    f"{d['help'].replace('|', chr(92) + '|')} |")
     return "\n".join(rows)
 
 

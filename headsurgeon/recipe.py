@@ -1,128 +1,370 @@
 """Training recipes: a YAML file over embedded defaults, checked completely before any work.
 
-The defaults *are* the digits recipe (``recipes/digits.yaml``), so ``headsurgeon train`` with no
-recipe trains a 4-head tree on CPU. Keys are flat dotted names (``data.batch_size``) internally;
-files nest them one level (``data: {batch_size: 64}``). ``model_kwargs`` is a free mapping.
+A recipe is a frozen pydantic model (:class:`Recipe`) with one nested section per concern
+(``split``, ``data``, ``loss``, ``optim``, ``sched``); code reads ``recipe.data.batch_size``.
+Users write the same nesting in YAML, or dotted keys on the command line (``--set
+data.batch_size=32``). The defaults *are* the digits recipe (``recipes/digits.yaml``), so
+``headsurgeon train`` with no recipe trains a 4-head tree on CPU.
+
+Validation is strict (YAML ``true`` is not the number 1), reports every bad key of a file at
+once in one line, and names the nearest known key for a typo. The JSON Schema of the model
+(``headsurgeon recipe --schema``, ``recipes/recipe.schema.json``) lets editors complete and
+check recipe files.
 """
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+import json
+import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Iterator, Literal, Sequence
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import HeadsurgeonError
 
-SECTIONS = ("split", "data", "loss", "optim", "sched")
-
-
-@dataclass(frozen=True)
-class Field:
-    default: Any
-    types: tuple[type, ...]
-    help: str
-    choices: tuple[Any, ...] | None = None
-    lo: float | None = None  # inclusive unless lo_open
-    hi: float | None = None  # exclusive unless hi_closed
-    lo_open: bool = False
-    hi_closed: bool = False
-    nullable: bool = False
-    length: int | None = None  # for lists
-
-
-def _f(default, types, help, **kw) -> Field:
-    return Field(default, types if isinstance(types, tuple) else (types,), help, **kw)
-
-
-NUM = (int, float)
-SCHEMA: dict[str, Field] = {
-    "model": _f("resnet10t", str, "timm model name", nullable=True),
-    "model_kwargs": _f({"channels": [32, 64, 128, 256], "stem_width": 16}, dict, "extra timm.create_model kwargs"),
-    "pretrained": _f(False, bool, "start from timm's pretrained weights"),
-    "weights": _f(None, str, "local safetensors / timm checkpoint to start from", nullable=True),
-    "tree": _f(None, str, "a tree directory written by `headsurgeon split` (instead of model + split)", nullable=True),
-    "split.at": _f(["layer3", "layer4"], (list, str), "split points in forward order"),
-    "split.heads": _f(4, int, "number of heads", lo=1),
-    "split.fanout": _f(None, list, "children per fork at each split point", nullable=True),
-    "split.rescale": _f(True, bool, "gradient rescaling at forks"),
-    "split.branch_init": _f(None, str, "branch initialisation", choices=("independent", "copy"), nullable=True),
-    "data.dataset": _f("digits", str, "'digits' (embedded), 'fashion-mnist' (IDX files; Debian package dataset-fashion-mnist), "
-                       "'folder' (ImageFolder or tar at data.root), torch/cifar10, torch/cifar100, hfds/..."),
-    "data.root": _f(None, str, "dataset folder (fashion-mnist: default /usr/share/datasets/fashion-mnist, any folder "
-                    "with its four IDX files, gzipped or not)", nullable=True),
-    "data.download": _f(False, bool, "let torchvision/HF datasets download"),
-    "data.train_split": _f("train", str, "split to train on (validation is carved from it)"),
-    "data.test_split": _f("validation", str, "held-out split for test accuracy"),
-    "data.num_classes": _f(None, int, "classes (default: from the dataset)", lo=2, nullable=True),
-    "data.img_size": _f(32, int, "training/eval image size", lo=8),
-    "data.folds": _f(None, int, "digits only: k of a fixed, class-stratified k-fold partition of all 1,797 images "
-                     "(fold data.fold is the test split, the other folds the train split); null: the fixed 360-image test split",
-                     lo=2, nullable=True),
-    "data.fold": _f(0, int, "the test fold, 0..data.folds-1 (with data.folds)", lo=0),
-    "data.val_fraction": _f(0.1, NUM, "fraction of train held out for validation", lo=0, hi=1, lo_open=True),
-    "data.train_fraction": _f(1.0, NUM, "fraction of the rest of train (after the validation carve, chosen with "
-                              "data.split_seed) that is trained on: a smaller labelled set", lo=0, hi=1, lo_open=True,
-                              hi_closed=True),
-    "data.split_seed": _f(0, int, "seed of the train/validation carve", lo=0),
-    "data.stratify": _f(False, bool, "carve validation and the data.train_fraction subset class by class (the train "
-                        "split's class proportions); needs a dataset that lists its labels"),
-    "data.label_noise": _f(0.0, NUM, "symmetric label-noise fraction on train", lo=0, hi=1),
-    "data.noise_seed": _f(0, int, "seed of the label noise", lo=0),
-    "data.batch_size": _f(64, int, "batch size per process", lo=1),
-    "data.eval_batch_size": _f(None, int, "eval batch size (default 2x batch_size)", lo=1, nullable=True),
-    "data.workers": _f(0, int, "data loader workers per process", lo=0),
-    "data.no_aug": _f(False, bool, "no training augmentation"),
-    "data.scale": _f([0.7, 1.0], list, "random-resized-crop area range", length=2),
-    "data.ratio": _f([0.9, 1.1], list, "random-resized-crop aspect range", length=2),
-    "data.hflip": _f(0.0, NUM, "horizontal flip probability", lo=0, hi=1, hi_closed=True),
-    "data.color_jitter": _f(0.0, NUM, "colour jitter strength", lo=0),
-    "data.auto_augment": _f(None, str, "timm auto-augment string, e.g. rand-m9-mstd0.5", nullable=True),
-    "data.mean": _f(None, list, "normalisation mean per channel (default: the model's pretrained config, averaged "
-                    "over channels for a 1-channel model)", nullable=True),
-    "data.std": _f(None, list, "normalisation std per channel (default as data.mean)", nullable=True),
-    "data.crop_pct": _f(1.0, NUM, "eval centre-crop fraction", lo=0, hi=1, lo_open=True, hi_closed=True),
-    "loss.beta": _f(0.5, NUM, "weight of the hard (label) term", lo=0, hi=1, hi_closed=True),
-    "loss.temperature": _f(2.0, NUM, "soft-target temperature", lo=0, lo_open=True),
-    "loss.t2": _f(False, bool, "multiply the soft term by T^2"),
-    "loss.label_smoothing": _f(0.0, NUM, "label smoothing of the hard term", lo=0, hi=1),
-    "optim.opt": _f("sgd", str, "timm optimizer name (create_optimizer_v2)"),
-    "optim.lr": _f(0.1, NUM, "learning rate", lo=0, lo_open=True),
-    "optim.momentum": _f(0.9, NUM, "momentum", lo=0, hi=1),
-    "optim.weight_decay": _f(5e-4, NUM, "weight decay (not on biases/norms/no_weight_decay params)", lo=0),
-    "optim.clip_grad": _f(None, NUM, "gradient-norm clipping", lo=0, lo_open=True, nullable=True),
-    "sched.sched": _f("cosine", str, "timm scheduler name (create_scheduler_v2)",
-                      choices=("cosine", "tanh", "step", "multistep", "plateau", "poly", "wsd", "none")),
-    "sched.warmup_epochs": _f(1, int, "linear warm-up epochs", lo=0),
-    "sched.warmup_lr": _f(1e-4, NUM, "warm-up start lr", lo=0),
-    "sched.min_lr": _f(0.0, NUM, "final lr", lo=0),
-    "sched.decay_epochs": _f(30, NUM, "step schedule period", lo=0, lo_open=True),
-    "sched.decay_milestones": _f([30, 60], list, "multistep epochs"),
-    "sched.decay_rate": _f(0.1, NUM, "step/multistep factor", lo=0, lo_open=True),
-    "sched.step_on_epochs": _f(True, bool, "step the lr per epoch (False: per update)"),
-    "epochs": _f(20, int, "training epochs", lo=1),
-    "amp": _f(False, (bool, str), "mixed precision on CUDA", choices=(False, True, "bf16", "fp16")),
-    "ema": _f(False, (bool, float), "EMA of weights: false, true (0.9998) or a decay", lo=0, hi=1),
-    "channels_last": _f(False, bool, "channels_last memory format"),
-    "compile": _f(False, (bool, str), "torch.compile (true or a backend name)"),
-    "sync_bn": _f(False, bool, "SyncBatchNorm under DDP (CUDA); otherwise BN stats are averaged per epoch"),
-    "seed": _f(0, int, "global seed (init, data order, augmentation)", lo=0),
-    "output": _f(None, str, "run directory (default runs/<recipe>-<time>)", nullable=True),
-}
-
+SECTIONS = ("split", "data", "loss", "optim", "sched", "log")
 # keys that may change when a run is resumed
-RESUME_FREE = ("output", "data.workers", "data.download", "data.root")
+RESUME_FREE = ("output", "data.workers", "data.download", "data.root", "log.tensorboard", "log.wandb",
+               "log.wandb_project", "log.wandb_entity")
+EMA_DEFAULT = 0.9998
 
 
-def defaults() -> dict[str, Any]:
-    import copy
+class _Loader(yaml.SafeLoader):
+    """YAML as people write recipes: ``1e-6`` is a number (PyYAML's YAML 1.1 reads it as a string), and a
+    key given twice in one mapping is an error (PyYAML keeps the last silently)."""
 
-    return {k: copy.deepcopy(f.default) for k, f in SCHEMA.items()}
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
-def flatten(tree: dict[str, Any], where: str) -> dict[str, Any]:
-    """``{data: {batch_size: 8}}`` -> ``{data.batch_size: 8}``; reject unknown keys with a hint."""
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+def _csv(value: Any) -> Any:
+    """``--set split.at=layer3,layer4`` is a convenience for the list."""
+    return [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
+
+
+Prob = Annotated[float, Field(ge=0, le=1)]
+Pair = Annotated[list[float], Field(min_length=2, max_length=2)]
+Stats = Annotated[list[float], Field(min_length=1)]
+
+
+class _Section(BaseModel):
+    # strict: no silent coercion (a YAML bool is not an int); frozen: a run's recipe does not change
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, protected_namespaces=(), validate_default=True)
+
+
+class SplitCfg(_Section):
+    at: Annotated[list[str], BeforeValidator(_csv)] = Field(["layer3", "layer4"],
+                                                             description="split points in forward order")
+    heads: int = Field(4, ge=1, description="number of heads")
+    fanout: list[Annotated[int, Field(ge=1)]] | None = Field(None, description="children per fork at each split point")
+    rescale: bool = Field(True, description="gradient rescaling at forks")
+    branch_init: Literal["independent", "copy"] | None = Field(None, description="branch initialisation")
+
+
+DATASETS = ("digits", "fashion-mnist", "folder")  # folder: an ImageFolder or tar at data.root
+DATASET_PREFIXES = ("torch/", "hfds/", "hfids/", "tfds/", "wds/")  # timm's create_dataset sources
+
+
+class DataCfg(_Section):
+    dataset: str = Field("digits", description="'digits' (embedded), 'fashion-mnist' (IDX files; Debian package "
+                         "dataset-fashion-mnist), 'folder' (ImageFolder or tar at data.root), torch/cifar10, "
+                         "torch/cifar100, hfds/...")
+    root: str | None = Field(None, description="dataset folder (fashion-mnist: default /usr/share/datasets/fashion-mnist, "
+                             "any folder with its four IDX files, gzipped or not)")
+    download: bool = Field(False, description="let torchvision/HF datasets download")
+    train_split: str = Field("train", description="split to train on (validation is carved from it)")
+    test_split: str = Field("validation", description="held-out split for test accuracy")
+    num_classes: int | None = Field(None, ge=2, description="classes (default: from the dataset)")
+    img_size: int = Field(32, ge=8, description="training/eval image size")
+    folds: int | None = Field(None, ge=2, description="digits only: k of a fixed, class-stratified k-fold partition of "
+                              "all 1,797 images (fold data.fold is the test split, the other folds the train split); "
+                              "null: the fixed 360-image test split")
+    fold: int = Field(0, ge=0, description="the test fold, 0..data.folds-1 (with data.folds)")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of train held out for validation")
+    train_fraction: float = Field(1.0, gt=0, le=1, description="fraction of the rest of train (after the validation "
+                                  "carve, chosen with data.split_seed) that is trained on: a smaller labelled set")
+    split_seed: int = Field(0, ge=0, description="seed of the train/validation carve")
+    stratify: bool = Field(False, description="carve validation and the data.train_fraction subset class by class (the "
+                           "train split's class proportions); needs a dataset that lists its labels")
+    label_noise: float = Field(0.0, ge=0, lt=1, description="symmetric label-noise fraction on train")
+    noise_seed: int = Field(0, ge=0, description="seed of the label noise")
+    batch_size: int = Field(64, ge=1, description="batch size per process")
+    eval_batch_size: int | None = Field(None, ge=1, description="eval batch size (default 2x batch_size)")
+    workers: int = Field(0, ge=0, description="data loader workers per process")
+    no_aug: bool = Field(False, description="no training augmentation")
+    scale: Pair = Field([0.7, 1.0], description="random-resized-crop area range")
+    ratio: Pair = Field([0.9, 1.1], description="random-resized-crop aspect range")
+    hflip: Prob = Field(0.0, description="horizontal flip probability")
+    color_jitter: float = Field(0.0, ge=0, description="colour jitter strength")
+    auto_augment: str | None = Field(None, description="timm auto-augment string, e.g. rand-m9-mstd0.5")
+    mean: Stats | None = Field(None, description="normalisation mean per channel (default: the model's pretrained "
+                               "config, averaged over channels for a 1-channel model)")
+    std: Stats | None = Field(None, description="normalisation std per channel (default as data.mean)")
+    crop_pct: float = Field(1.0, gt=0, le=1, description="eval centre-crop fraction")
+    mixup: float = Field(0.0, ge=0, description="mixup alpha (timm --mixup; 0: off)")
+    cutmix: float = Field(0.0, ge=0, description="cutmix alpha (timm --cutmix; 0: off)")
+    cutmix_minmax: Pair | None = Field(None, description="cutmix min/max box ratio; overrides data.cutmix (timm "
+                                       "--cutmix-minmax)")
+    mixup_prob: Prob = Field(1.0, description="probability of mixup or cutmix per batch (timm --mixup-prob)")
+    mixup_switch_prob: Prob = Field(0.5, description="probability of cutmix instead of mixup when both are on "
+                                    "(timm --mixup-switch-prob)")
+    mixup_mode: Literal["batch", "pair", "elem"] = Field("batch", description="how mixup/cutmix parameters are "
+                                                         "drawn: per batch, pair or element (timm --mixup-mode)")
+    mixup_off_epoch: int = Field(0, ge=0, description="turn mixup/cutmix off from this epoch on (0: never; timm "
+                                 "--mixup-off-epoch)")
+    reprob: Prob = Field(0.0, description="random erasing probability (timm --reprob)")
+    remode: Literal["pixel", "const", "rand"] = Field("pixel", description="random erasing mode (timm --remode)")
+    recount: int = Field(1, ge=1, description="random erasing count (timm --recount)")
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(s <= 0 for s in v):
+            raise ValueError(f"'data.std' values must be > 0, got {v}")
+        return v
+
+
+class LossCfg(_Section):
+    objective: Literal["cl", "dml", "one", "kdcl"] = Field(
+        "cl", description="cl: the paper's (Song & Chai 2018); dml: Deep Mutual Learning; one: On-the-fly Native "
+        "Ensemble (a learned gate over the heads, not part of the collapsed model); kdcl: KDCL-MinLogit "
+        "(docs/concepts.md, Objectives)")
+    beta: Prob = Field(0.5, description="cl only: weight of the hard (label) term")
+    temperature: float | None = Field(None, gt=0, description="soft-target temperature (null: the objective's own "
+                                      "default: cl 2, dml 1, one 3, kdcl 3)")
+    t2: bool = Field(False, description="cl only: multiply the soft term by T^2 (dml/one/kdcl always do)")
+    ramp: int = Field(0, ge=0, description="dml/one/kdcl: epochs of the exp(-5(1-e/ramp)^2) ramp-up of the soft "
+                      "terms (0: full weight from the start; ONE's official scripts use 80)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the hard term")
+
+
+class OptimCfg(_Section):
+    opt: str = Field("sgd", description="timm optimizer name (create_optimizer_v2)")
+    lr: float = Field(0.1, gt=0, description="learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="weight decay (not on biases/norms/no_weight_decay params)")
+    opt_eps: float | None = Field(None, gt=0, description="optimizer epsilon (default: the optimizer's; timm --opt-eps)")
+    opt_betas: list[Annotated[float, Field(ge=0, lt=1)]] | None = Field(
+        None, min_length=1, max_length=3, description="optimizer betas (default: the optimizer's; timm --opt-betas)")
+    clip_grad: float | None = Field(None, gt=0, description="gradient clipping threshold (timm --clip-grad)")
+    clip_mode: Literal["norm", "value", "agc"] = Field("norm", description="gradient clipping mode (timm --clip-mode)")
+    layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise lr decay over the original model's "
+                                      "layer groups (timm --layer-decay)")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step (timm --grad-accum-steps)")
+
+    @field_validator("opt")
+    @classmethod
+    def _known_opt(cls, v: str) -> str:
+        from timm.optim import list_optimizers
+
+        known = list_optimizers()
+        name = v.lower().split("_", 1)[-1] if v.lower().startswith("lookahead_") else v.lower()
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=3)
+            raise ValueError(f"'optim.opt' is {v!r}, not a timm optimizer" +
+                             (f"; did you mean {', '.join(near)}?" if near else " (timm.optim.list_optimizers())"))
+        return v
+
+
+class SchedCfg(_Section):
+    sched: Literal["cosine", "tanh", "step", "multistep", "plateau", "poly", "wsd", "none"] = Field(
+        "cosine", description="timm scheduler name (create_scheduler_v2)")
+    warmup_epochs: int = Field(1, ge=0, description="linear warm-up epochs")
+    warmup_lr: float = Field(1e-4, ge=0, description="warm-up start lr")
+    min_lr: float = Field(0.0, ge=0, description="final lr")
+    decay_epochs: float = Field(30, gt=0, description="step schedule period")
+    decay_milestones: list[int] = Field([30, 60], description="multistep epochs")
+    decay_rate: float = Field(0.1, gt=0, description="step/multistep factor")
+    step_on_epochs: bool = Field(True, description="step the lr per epoch (False: per update)")
+
+
+class LogCfg(_Section):
+    tensorboard: bool = Field(False, description="TensorBoard event files in RUN/tensorboard (optional extra "
+                              "headsurgeon[tensorboard])")
+    wandb: bool = Field(False, description="a Weights & Biases run with the recipe as its config, files in RUN/wandb "
+                        "(optional extra headsurgeon[wandb]; WANDB_MODE=offline keeps it on this machine)")
+    wandb_project: str = Field("headsurgeon", min_length=1, description="W&B project")
+    wandb_entity: str | None = Field(None, description="W&B entity (user or team; null: the login's default)")
+
+    @model_validator(mode="after")
+    def _installed(self) -> "LogCfg":
+        from .tracking import missing
+
+        problems = [m for m in (missing(k) for k in ("tensorboard", "wandb") if getattr(self, k)) if m]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class Recipe(_Section):
+    """One training run: the model and its split, data, loss, optimizer, schedule and runtime."""
+
+    model: str | None = Field("resnet10t", description="timm model name")
+    model_kwargs: dict[str, Any] = Field({"channels": [32, 64, 128, 256], "stem_width": 16},
+                                         description="extra timm.create_model kwargs")
+    pretrained: bool = Field(False, description="start from timm's pretrained weights")
+    weights: str | None = Field(None, description="local safetensors / timm checkpoint to start from")
+    tree: str | None = Field(None, description="a tree directory written by `headsurgeon split` (instead of model + split)")
+    split: SplitCfg = SplitCfg()
+    data: DataCfg = DataCfg()
+    loss: LossCfg = LossCfg()
+    optim: OptimCfg = OptimCfg()
+    sched: SchedCfg = SchedCfg()
+    log: LogCfg = LogCfg()
+    epochs: int = Field(20, ge=1, description="training epochs")
+    amp: Literal[False, True, "bf16", "fp16"] = Field(False, description="mixed precision on CUDA (true: bf16)")
+    ema: bool | Annotated[float, Field(ge=0, lt=1)] = Field(False, description=f"EMA of weights: false, true "
+                                                            f"({EMA_DEFAULT}) or a decay")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: CUDA when present, else "
+                                                           "MPS when present, else CPU (timm --device)")
+    recovery_interval: int = Field(0, ge=0, description="also checkpoint every N optimizer steps within an epoch "
+                                   "(recovery/, only the latest kept; 0: off; timm --recovery-interval); --resume "
+                                   "continues from it bit-identically")
+    grad_checkpointing: bool = Field(False, description="recompute every tree segment in the backward pass instead "
+                                     "of storing its activations (timm --grad-checkpointing)")
+    channels_last: bool = Field(False, description="channels_last memory format")
+    compile: bool | str = Field(False, description="torch.compile (true or a backend name)")
+    sync_bn: bool = Field(False, description="SyncBatchNorm under DDP (CUDA); otherwise BN stats are averaged per epoch")
+    seed: int = Field(0, ge=0, description="global seed (init, data order, augmentation)")
+    output: str | None = Field(None, description="run directory (default runs/<recipe>-<time>)")
+
+    @field_validator("compile")
+    @classmethod
+    def _backend(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            import torch._dynamo
+
+            if v not in torch._dynamo.list_backends(exclude_tags=()):
+                raise ValueError(f"'compile' is {v!r}, not a torch.compile backend here; one of "
+                                 f"{', '.join(torch._dynamo.list_backends())} (or true)")
+        return v
+
+    @field_validator("amp")
+    @classmethod
+    def _amp(cls, v: Any) -> Any:
+        return "bf16" if v is True else v
+
+    @field_validator("ema")
+    @classmethod
+    def _ema(cls, v: Any) -> Any:
+        return EMA_DEFAULT if v is True else v
+
+    @model_validator(mode="after")
+    def _together(self) -> "Recipe":
+        """The checks that involve several keys."""
+        d = self.data
+        if self.tree is None and not self.model:
+            raise ValueError("give 'model' (with 'split') or 'tree' (a directory from `headsurgeon split`)")
+        if self.pretrained and self.weights:
+            raise ValueError("'pretrained' and 'weights' both give starting weights; use one of them")
+        if d.folds is not None and d.dataset != "digits":
+            raise ValueError(f"'data.folds' partitions the digits dataset only; '{d.dataset}' has its own test split "
+                             f"('data.test_split')")
+        if d.folds is None and d.fold != 0:
+            raise ValueError(f"'data.fold' is {d.fold} but 'data.folds' is not set (e.g. data.folds: 5)")
+        if d.folds is not None and d.fold >= d.folds:
+            raise ValueError(f"'data.fold' is {d.fold}; with data.folds {d.folds} it must be 0..{d.folds - 1}")
+        if d.dataset not in DATASETS and not d.dataset.startswith(DATASET_PREFIXES):  # timm reads any other name as a folder
+            raise ValueError(f"unknown data.dataset '{d.dataset}'; use one of {', '.join(DATASETS)} or a "
+                             f"{'/, '.join(p.rstrip('/') for p in DATASET_PREFIXES)}/ name (e.g. torch/cifar10)")
+        if d.dataset not in ("digits", "fashion-mnist") and not d.root and not d.dataset.startswith(("hfds/", "hfids/")):
+            raise ValueError(f"dataset '{d.dataset}' needs 'data.root' (a folder to read or download into)")
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys (``data.batch_size``) to values: the form of ``--set``, diffs and the docs."""
+        return flatten(self.model_dump(mode="json"), "recipe")
+
+    def nested(self) -> dict[str, Any]:
+        """YAML-ready data (``OUTPUT/recipe.yaml``)."""
+        return self.model_dump(mode="json")
+
+
+# ------------------------------------------------------------------------------- keys and their docs
+
+def _fields() -> Iterator[tuple[str, Any]]:
+    for name, f in Recipe.model_fields.items():
+        if name in SECTIONS:
+            for sub, sf in f.annotation.model_fields.items():
+                yield f"{name}.{sub}", sf
+        else:
+            yield name, f
+
+
+def _properties() -> dict[str, dict[str, Any]]:
+    """The JSON Schema of every dotted key: the one source of the 'allowed' text of docs and errors."""
+    schema = Recipe.model_json_schema()
+    out = {}
+    for name, prop in schema["properties"].items():
+        ref = prop.get("$ref") or next((a["$ref"] for a in prop.get("allOf", []) if "$ref" in a), None)
+        if ref:
+            for sub, sp in schema["$defs"][ref.split("/")[-1]]["properties"].items():
+                out[f"{name}.{sub}"] = sp
+        else:
+            out[name] = prop
+    return out
+
+
+_TYPES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true/false",
+          "array": "a list", "object": "a mapping"}
+
+
+def _allowed(prop: dict[str, Any]) -> str:
+    options = prop.get("anyOf", [prop])
+    nullable = any(o.get("type") == "null" for o in options)
+    parts = []
+    for o in (o for o in options if o.get("type") != "null"):
+        if "enum" in o or "const" in o:
+            parts.append("one of " + ", ".join(map(repr, o.get("enum", [o.get("const")]))))
+            continue
+        text = _TYPES.get(o.get("type"), "a value")
+        bounds = [f"{op} {o[k]:g}" for k, op in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="),
+                                                  ("exclusiveMaximum", "<")) if k in o]
+        if bounds:
+            text += " " + " and ".join(bounds)
+        if o.get("type") == "array":
+            item = _TYPES.get(o.get("items", {}).get("type"), "value").split(" ", 1)[-1]
+            n = o.get("minItems")
+            text = (f"a list of {n} {item}s" if n is not None and n == o.get("maxItems") else f"a list of {item}s")
+        parts.append(text)
+    return " or ".join(parts) + (" or null" if nullable else "")
+
+
+def key_docs() -> list[dict[str, Any]]:
+    """Every recipe key with its default, allowed values and meaning (the docs' recipe table)."""
+    props = _properties()
+    return [{"key": k, "default": props[k].get("default"), "allowed": _allowed(props[k]), "help": f.description or ""}
+            for k, f in _fields()]
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of recipe files, for editors (``# yaml-language-server: $schema=...``)."""
+    schema = Recipe.model_json_schema()
+    schema["title"] = "headsurgeon training recipe"
+    return schema
+
+
+# ------------------------------------------------------------------------------- reading recipes
+
+def flatten(tree: Any, where: str) -> dict[str, Any]:
+    """``{data: {batch_size: 8}}`` -> ``{data.batch_size: 8}`` (unknown keys are reported by validation)."""
     if not isinstance(tree, dict):
         raise HeadsurgeonError(f"{where} must be a YAML mapping of recipe keys, got {type(tree).__name__}")
     out: dict[str, Any] = {}
@@ -135,12 +377,50 @@ def flatten(tree: dict[str, Any], where: str) -> dict[str, Any]:
                 out[f"{key}.{sub}"] = v
         else:
             out[key] = value
-    for key in out:
-        if key not in SCHEMA:
-            near = difflib.get_close_matches(key, list(SCHEMA), n=1, cutoff=0.5)
-            near = near or difflib.get_close_matches(key.split(".")[-1], [k.split(".")[-1] for k in SCHEMA], n=1)
-            hint = next((k for k in SCHEMA if near and (k == near[0] or k.endswith("." + near[0]))), None)
-            raise HeadsurgeonError(f"{where}: unknown recipe key '{key}'" + (f"; did you mean '{hint}'?" if hint else ""))
+    return out
+
+
+def _hint(key: str, known: list[str]) -> str:
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    near = near or difflib.get_close_matches(key.split(".")[-1], [k.split(".")[-1] for k in known], n=1)
+    hint = next((k for k in known if near and (k == near[0] or k.endswith("." + near[0]))), None)
+    return f"; did you mean '{hint}'?" if hint else ""
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys back into sections (the inverse of :func:`flatten`)."""
+    out: dict[str, Any] = {}
+    for k, v in flat.items():
+        head, dot, sub = k.partition(".")
+        if dot and head in SECTIONS:
+            out.setdefault(head, {})[sub] = v
+        else:
+            out[k] = v
+    return out
+
+
+def from_flat(flat: dict[str, Any], where: str = "recipe") -> Recipe:
+    """Validate dotted keys over the defaults; every error of the input in one line."""
+    try:
+        return Recipe.model_validate(nest(flat))
+    except ValidationError as e:
+        raise HeadsurgeonError(f"{where}: " + "; ".join(_messages(e, flat))) from None
+
+
+def _messages(e: ValidationError, flat: dict[str, Any]) -> list[str]:
+    props, docs = _properties(), {d["key"]: d["help"] for d in key_docs()}
+    out: list[str] = []
+    for err in e.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join(loc[:2]) if loc and loc[0] in SECTIONS and len(loc) > 1 else (loc[0] if loc else "")
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown recipe key '{key}'" + _hint(key, list(props))
+        elif err["type"] == "value_error" or key not in props:
+            msg = str(err.get("ctx", {}).get("error", err["msg"])) if err["type"] == "value_error" else err["msg"]
+        else:
+            msg = f"'{key}' is {flat.get(key, err['input'])!r}; expected {_allowed(props[key])} ({docs[key]})"
+        if msg not in out:
+            out.append(msg)
     return out
 
 
@@ -152,126 +432,30 @@ def parse_set(pairs: Sequence[str]) -> dict[str, Any]:
         if not eq or not key:
             raise HeadsurgeonError(f"--set expects key=value (e.g. --set data.batch_size=32), got '{pair}'")
         try:
-            out[key.strip()] = yaml.safe_load(value)
+            out[key.strip()] = _yaml(value)
         except yaml.YAMLError as e:
             raise HeadsurgeonError(f"--set {key}: value '{value}' is not valid YAML ({str(e).splitlines()[0]})") from None
-    return flatten(_nest(out), "--set")
+    return flatten(nest(out), "--set")
 
 
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in flat.items():
-        head, dot, sub = k.partition(".")
-        if dot and head in SECTIONS:
-            out.setdefault(head, {})[sub] = v
-        else:
-            out[k] = v
-    return out
+def read(path: str | Path, where: str | None = None) -> dict[str, Any]:
+    """A recipe file's own keys, flat (no defaults)."""
+    p = Path(path)
+    if not p.is_file():
+        raise HeadsurgeonError(f"recipe '{path}' does not exist; see recipes/ for examples")
+    try:
+        data = _yaml(p.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise HeadsurgeonError(f"recipe '{path}' is not valid YAML: {' '.join(str(e).split())[:200]}") from None
+    return flatten(data, where or str(path))
 
 
-def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """The flat recipe as nested YAML-ready data (for ``OUTPUT/recipe.yaml``)."""
-    return _nest(flat)
-
-
-def _describe(f: Field) -> str:
-    if f.choices:
-        allowed = "one of " + ", ".join(map(repr, f.choices))
-    else:
-        allowed = " or ".join({"int": "an integer", "float": "a number", "str": "a string", "bool": "true/false",
-                               "list": "a list", "dict": "a mapping"}[t.__name__] for t in f.types)
-        if float in f.types and int in f.types:
-            allowed = "a number"
-        if f.lo is not None or f.hi is not None:
-            lo = "" if f.lo is None else f"{'>' if f.lo_open else '>='} {f.lo:g}"
-            hi = "" if f.hi is None else f"{'<=' if f.hi_closed else '<'} {f.hi:g}"
-            allowed += " " + " and ".join(x for x in (lo, hi) if x)
-        if f.length:
-            allowed += f" of {f.length} numbers"
-    return allowed + (" or null" if f.nullable else "")
-
-
-def _check(key: str, value: Any, f: Field, where: str) -> Any:
-    bad = HeadsurgeonError(f"{where}: '{key}' is {value!r}; expected {_describe(f)} ({f.help})")
-    if value is None:
-        if f.nullable:
-            return None
-        raise bad
-    if f.choices is not None:
-        if value not in f.choices or (isinstance(value, bool) != any(isinstance(c, bool) and c == value for c in f.choices)):
-            raise bad
-        return value
-    if isinstance(value, bool) and bool not in f.types:
-        raise bad  # YAML true is not the number 1
-    if not isinstance(value, f.types):
-        if not (isinstance(value, int) and float in f.types):
-            raise bad
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)):
-        if (f.lo is not None and (value < f.lo or (f.lo_open and value == f.lo))) or \
-           (f.hi is not None and (value > f.hi or (not f.hi_closed and value == f.hi))):
-            raise bad
-    if isinstance(value, list) and f.length is not None:
-        if len(value) != f.length or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            raise bad
-    return value
-
-
-def validate(flat: dict[str, Any], where: str = "recipe") -> dict[str, Any]:
-    """Type/range checks per key, then the checks that involve several keys."""
-    out = {k: _check(k, flat[k], SCHEMA[k], where) for k in SCHEMA}
-    if isinstance(out["split.at"], str):
-        out["split.at"] = [p.strip() for p in out["split.at"].split(",") if p.strip()]
-    if not all(isinstance(p, str) for p in out["split.at"]):
-        raise HeadsurgeonError(f"{where}: 'split.at' must be a list of module paths, e.g. [layer3, layer4]")
-    if out["split.fanout"] is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                                                   for v in out["split.fanout"]):
-        raise HeadsurgeonError(f"{where}: 'split.fanout' must be a list of positive integers, e.g. [2, 2]")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in out["sched.decay_milestones"]):
-        raise HeadsurgeonError(f"{where}: 'sched.decay_milestones' must be a list of epochs, e.g. [150, 225]")
-    if out["ema"] is True:
-        out["ema"] = 0.9998
-    if out["amp"] is True:
-        out["amp"] = "bf16"
-    if out["tree"] is None and not out["model"]:
-        raise HeadsurgeonError(f"{where}: give 'model' (with 'split') or 'tree' (a directory from `headsurgeon split`)")
-    if out["pretrained"] and out["weights"]:
-        raise HeadsurgeonError(f"{where}: 'pretrained' and 'weights' both give starting weights; use one of them")
-    if out["data.folds"] is not None and out["data.dataset"] != "digits":
-        raise HeadsurgeonError(f"{where}: 'data.folds' partitions the digits dataset only; '{out['data.dataset']}' "
-                               f"has its own test split ('data.test_split')")
-    if out["data.folds"] is None and out["data.fold"] != 0:
-        raise HeadsurgeonError(f"{where}: 'data.fold' is {out['data.fold']} but 'data.folds' is not set (e.g. data.folds: 5)")
-    if out["data.folds"] is not None and out["data.fold"] >= out["data.folds"]:
-        raise HeadsurgeonError(f"{where}: 'data.fold' is {out['data.fold']}; with data.folds {out['data.folds']} it must be "
-                               f"0..{out['data.folds'] - 1}")
-    for key in ("data.mean", "data.std"):
-        if out[key] is not None and not (out[key] and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                          for v in out[key])):
-            raise HeadsurgeonError(f"{where}: '{key}' must be a list of numbers, one per channel, e.g. [0.286]")
-    if out["data.std"] is not None and any(v <= 0 for v in out["data.std"]):
-        raise HeadsurgeonError(f"{where}: 'data.std' values must be > 0, got {out['data.std']}")
-    if out["data.dataset"] not in ("digits", "fashion-mnist") and not out["data.root"] and not out["data.dataset"].startswith(("hfds/", "hfids/")):
-        raise HeadsurgeonError(f"{where}: dataset '{out['data.dataset']}' needs 'data.root' (a folder to read or download into)")
-    return out
-
-
-def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], set[str]]:
-    """Defaults <- recipe file <- ``--set`` pairs, validated. Returns the flat recipe and the keys
-    the user gave explicitly (so ``tree:`` can refuse an explicit ``split``)."""
-    flat = defaults()
-    given: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise HeadsurgeonError(f"recipe '{path}' does not exist; see recipes/ for examples")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise HeadsurgeonError(f"recipe '{path}' is not valid YAML: {' '.join(str(e).split())[:200]}") from None
-        given.update(flatten(data, str(path)))
-    _check_tree(given, str(path) if path is not None else "recipe")
+def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> tuple[Recipe, set[str]]:
+    """Defaults <- recipe file <- ``--set`` pairs, validated. Returns the recipe and the dotted keys
+    the user gave explicitly."""
+    where = str(path) if path is not None else "recipe"
+    given = read(path) if path is not None else {}
+    _check_tree(given, where)
     sets = parse_set(overrides)
     _check_tree(sets, "--set")
     if sets.get("tree") is not None:  # a tree from the command line replaces the file's model and split
@@ -279,8 +463,7 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> tuple
     given.update(sets)
     if "model" in given and "model_kwargs" not in given:
         given["model_kwargs"] = {}  # the default kwargs belong to the default (digits) model
-    flat.update(given)
-    return validate(flat, str(path) if path is not None else "recipe"), set(given)
+    return from_flat(given, where), set(given)
 
 
 def _fixed_by_tree(key: str) -> bool:
@@ -293,7 +476,12 @@ def _check_tree(layer: dict[str, Any], where: str) -> None:
         raise HeadsurgeonError(f"{where}: 'tree' already fixes the model and its split; remove {', '.join(clash)}")
 
 
-def diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between two flat recipes, as ``key: old -> new``."""
-    keys = sorted((set(old) | set(new)) - set(RESUME_FREE))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+def diff(old: Recipe, new: Recipe) -> list[str]:
+    """Keys whose values differ between two recipes, as ``key: old -> new`` (resume-free keys ignored)."""
+    a, b = old.flat(), new.flat()
+    keys = sorted((set(a) | set(b)) - set(RESUME_FREE))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def schema_text() -> str:
+    return json.dumps(json_schema(), indent=2) + "\n"

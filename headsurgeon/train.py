@@ -1,85 +1,55 @@
-"""The training engine: a head tree on timm's training stack, one process or DDP under torchrun.
+"""The training loop: a head tree on timm's training stack, one process or DDP under torchrun.
 
-Run directory::
-
-    recipe.yaml      the resolved recipe (a resumed run must match it)
-    metrics.jsonl    one line per epoch: per-head and ensemble top-1/top-5 on val and test; ``train_top1``:
-                     each head's top-1 on the training labels (noisy ones included) during the epoch
-    summary.json     best epoch/head and its accuracies (rewritten each epoch; ``finished`` at the end)
-    curves.png       per-head validation/test top-1 per epoch
-    best/            tree directory (spec.json, tree.safetensors) of the best validation epoch
-    last/            tree directory + state.pt (optimizer, scheduler, scaler, epoch, RNG) for --resume
-
-Checkpoint directories are written atomically; state is read with ``torch.load(weights_only=True)``
-and weights with safetensors, so loading never unpickles arbitrary objects.
+``train`` builds everything a run needs (:func:`build`), restores a checkpoint when resuming
+(:func:`restore`), then runs epochs (:func:`train_epoch`, :func:`evaluate`). Every file of the
+run goes through :class:`~headsurgeon.rundir.RunDir`, whose docstring lists the layout.
 """
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import random
 import time
-from datetime import datetime
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
-import safetensors.torch
 import torch
-import yaml
 
 from . import data as D
+from . import objectives as O
 from . import recipe as R
+from . import tracking
 from .errors import HeadsurgeonError
-from .loss import collaborative_loss
+from .rundir import EMA_FILE, OBJECTIVE_FILE, RUNS, STATE_FILE, RunDir, latest_run, new_run_path, rng_state, \
+    set_rng_state
 from .tree import HeadTree, split
 
-RUNS = Path("runs")
-STATE_FILE = "state.pt"
-EMA_FILE = "ema.safetensors"
+__all__ = ["train", "evaluate", "train_epoch", "objective_for", "build", "restore", "RUNS", "STATE_FILE", "latest_run"]
 
 
-# ------------------------------------------------------------------------------- small helpers
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _set_rng_state(s: dict[str, Any]) -> None:
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def objective_for(recipe: R.Recipe) -> O.Objective:
+    """The recipe's ``loss.*`` keys as an objective of :mod:`headsurgeon.objectives`."""
+    loss, d = recipe.loss, recipe.data
+    mixing = d.mixup > 0 or d.cutmix > 0 or d.cutmix_minmax is not None  # Mixup smooths the targets itself
+    params: dict[str, Any] = {"label_smoothing": 0.0 if mixing else loss.label_smoothing}
+    if loss.temperature is not None:
+        params["temperature"] = loss.temperature
+    if loss.objective == "cl":
+        params.update(beta=loss.beta, t2=loss.t2)
+    else:
+        params["ramp"] = loss.ramp
+    return O.get(loss.objective, **params)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)  # atomic: readers see the old or the new file, never half of one
-
-
-def latest_run(root: Path = RUNS, prefix: str = "", need: str = "summary.json") -> Path | None:
-    """Most recent run directory under ``root`` (by the mtime of ``need``)."""
-    runs = [p for p in root.glob(f"{prefix}*") if (p / need).exists()] if root.is_dir() else []
-    return max(runs, key=lambda p: (p / need).stat().st_mtime, default=None)
-
-
-def _evaluate(tree: HeadTree, loader, device: torch.device, autocast: Callable, channels_last: bool,
-              distributed: bool) -> dict[str, Any]:
+def evaluate(tree: HeadTree, loader, device: torch.device, autocast: Callable = contextlib.nullcontext,
+             channels_last: bool = False, distributed: bool = False) -> dict[str, Any]:
     """Per-head and ensemble (mean of logits) top-1/top-5, exact over the whole split."""
     from timm.utils import accuracy
 
-    was = tree.training
-    tree.eval()
+    from .verify import eval_mode
+
     heads = tree.num_heads
     correct = torch.zeros(heads + 1, 2, dtype=torch.float64, device=device)
     n = torch.zeros((), dtype=torch.float64, device=device)
-    with torch.no_grad():
+    with eval_mode(tree), torch.no_grad():
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if channels_last:
@@ -91,7 +61,6 @@ def _evaluate(tree: HeadTree, loader, device: torch.device, autocast: Callable, 
                 a1, a5 = accuracy(o, y, topk=(1, k))
                 correct[i] += torch.stack([a1, a5]).to(correct) * len(y) / 100
             n += len(y)
-    tree.train(was)
     if distributed:
         torch.distributed.all_reduce(correct)
         torch.distributed.all_reduce(n)
@@ -100,319 +69,510 @@ def _evaluate(tree: HeadTree, loader, device: torch.device, autocast: Callable, 
     return {"heads": per[:heads], "ensemble": per[heads], "n": int(n.item())}
 
 
-# ------------------------------------------------------------------------------- the run
+# ------------------------------------------------------------------------------- building a run
 
-class _Run:
-    """State of one training run (one per process under DDP)."""
+@dataclass
+class Process:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    distributed: bool = False
 
-    def __init__(self, recipe: dict[str, Any], name: str, output: str | None, resume: bool,
-                 log: Callable[[str], None]):
-        from timm.utils import random_seed
-        from timm.utils.distributed import init_distributed_device_so
+    @property
+    def primary(self) -> bool:
+        return self.rank == 0
 
-        self.recipe = recipe
-        dev = init_distributed_device_so("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.device(dev["device"])
-        self.rank, self.world, self.distributed = dev["global_rank"], dev["world_size"], dev["distributed"]
-        self.primary = self.rank == 0
-        self.log = log if self.primary else (lambda message: None)
-        self.out = self._output(name, output, resume)
-        random_seed(recipe["seed"], self.rank)
-        self.splits = D.splits(recipe)
-        self.state: dict[str, Any] | None = None
-        if resume:
-            self._check_resume()
-            self.tree = HeadTree.load(self.out / "last")
-            self.state = torch.load(self.out / "last" / STATE_FILE, map_location="cpu", weights_only=True)
-        else:
-            self.tree = self._build_tree()
 
-    # -- setup
-    def _output(self, name: str, output: str | None, resume: bool) -> Path:
-        out = output or self.recipe["output"]
-        if out is None and resume:
-            found = latest_run(RUNS, f"{name}-", need=f"last/{STATE_FILE}")
-            if found is None:
-                raise HeadsurgeonError(f"--resume found no run of '{name}' under {RUNS}/; pass --output RUN_DIR")
-            out = str(found)
-            self.log(f"resuming {out}")
-        if out is None:
-            out = str(RUNS / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-            if self.distributed:  # one name for all ranks (their clocks can straddle a second)
-                box = [out]
-                torch.distributed.broadcast_object_list(box, src=0)
-                out = box[0]
-        path = Path(out)
-        if resume and not (path / "last" / STATE_FILE).is_file():
-            raise HeadsurgeonError(f"cannot resume '{path}': it has no last/{STATE_FILE} (no finished epoch)")
-        if not resume and path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise HeadsurgeonError(f"output '{path}' is not empty; pass --resume to continue that run or choose another --output")
-        return path
+@dataclass
+class Run:
+    """Everything one process trains with."""
+    recipe: R.Recipe
+    proc: Process
+    dir: RunDir
+    splits: D.Splits
+    tree: HeadTree
+    model: Any  # the tree, compiled and/or DDP-wrapped
+    objective: O.Objective
+    modules: torch.nn.Module | None  # the objective's own (ONE's gate); DDP-wrapped under DDP
+    features: dict[str, Any]  # filled by a hook: the trunk output at the first fork, for ONE
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    ema: Any
+    autocast: Callable
+    train_loader: Any
+    eval_loaders: dict[str, Any]
+    log: Callable[[str], None]
+    mixup: Any = None  # timm.data.Mixup, or None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    recovery: dict[str, Any] | None = None  # a mid-epoch resume point: where and with which RNG to continue
+    start: int = 0
+    wall_before: float = 0.0
+    t_start: float = 0.0
 
-    def _check_resume(self) -> None:
+
+def _process(device: str = "auto") -> Process:
+    from timm.utils.distributed import init_distributed_device_so
+
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise HeadsurgeonError("device 'cuda' was asked for but torch sees no CUDA GPU; use device: auto or cpu")
+    elif device == "mps" and not mps:
+        raise HeadsurgeonError("device 'mps' was asked for but torch has no MPS backend here; use device: auto or cpu")
+    dev = init_distributed_device_so(device)
+    return Process(torch.device(dev["device"]), dev["global_rank"], dev["world_size"], dev["distributed"])
+
+
+def _mixup(recipe: R.Recipe, classes: int):
+    """timm's ``Mixup`` when mixup or cutmix is on: it folds ``loss.label_smoothing`` into the soft
+    targets (and the objective's own smoothing is then 0), as timm's train.py does."""
+    d = recipe.data
+    if not (d.mixup > 0 or d.cutmix > 0 or d.cutmix_minmax is not None):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, cutmix_minmax=d.cutmix_minmax, prob=d.mixup_prob,
+                 switch_prob=d.mixup_switch_prob, mode=d.mixup_mode, label_smoothing=recipe.loss.label_smoothing,
+                 num_classes=classes)
+
+
+def _run_dir(recipe: R.Recipe, name: str, output: str | None, resume: bool, proc: Process,
+             log: Callable[[str], None]) -> RunDir:
+    out = output or recipe.output
+    if out is None and resume:
+        found = (latest_run(RUNS, f"{name}-", need=f"last/{STATE_FILE}")
+                 or latest_run(RUNS, f"{name}-", need=f"recovery/{STATE_FILE}"))
+        if found is None:
+            raise HeadsurgeonError(f"--resume found no run of '{name}' under {RUNS}/; pass --output RUN_DIR")
+        out = str(found)
+        log(f"resuming {out}")
+    if out is None:
+        out = str(new_run_path(name))
+        if proc.distributed:  # one name for all ranks (their clocks can straddle a second)
+            box = [out]
+            torch.distributed.broadcast_object_list(box, src=0)
+            out = box[0]
+    run = RunDir(out)
+    run.check_unlocked()
+    if resume:
+        run.check_resume()  # a resume point whose state file is sound, in a writable folder
         try:
-            stored = R.flatten(yaml.safe_load((self.out / "recipe.yaml").read_text()), "stored recipe")
-            old = R.validate({**R.defaults(), **stored})  # keys added since the run started take their defaults
-        except (OSError, yaml.YAMLError, HeadsurgeonError) as e:
-            raise HeadsurgeonError(f"cannot resume '{self.out}': its recipe.yaml is unreadable ({e})") from None
-        changed = R.diff(old, self.recipe)
+            old = run.read_recipe()
+        except HeadsurgeonError as e:
+            raise HeadsurgeonError(f"cannot resume '{run}': its recipe.yaml is unreadable ({e})") from None
+        changed = [c for c in R.diff(old, recipe) if not (c.startswith("epochs:") and recipe.epochs > old.epochs)]
         if changed:
-            raise HeadsurgeonError(f"refusing to resume '{self.out}' with a changed recipe: {'; '.join(changed)} "
+            raise HeadsurgeonError(f"refusing to resume '{run}' with a changed recipe: {'; '.join(changed)} "
                                    f"(start a new run, or undo the change)")
+    elif run.check_new():
+        log(f"'{run}' holds a run stopped before its first checkpoint (nothing to resume); starting it over")
+    return run
 
-    def _build_tree(self) -> HeadTree:
-        r, classes = self.recipe, self.splits.num_classes
-        if r["tree"]:
-            tree = HeadTree.load(r["tree"])
-            cfg = tree.spec.pretrained_cfg
-            have = tree.spec.model_args.get("num_classes", cfg.get("num_classes"))
-            if have != classes:
-                raise HeadsurgeonError(f"tree '{r['tree']}' has {have} classes but dataset '{r['data.dataset']}' has "
-                                       f"{classes}; re-split with --num-classes {classes}")
-            return tree
-        kwargs = dict(r["model_kwargs"], num_classes=classes)
-        if r["pretrained"]:
-            kwargs["pretrained"] = True
-        size = r["data.img_size"]
-        return split(r["model"], at=r["split.at"], heads=r["split.heads"], fanout=r["split.fanout"],
-                     rescale=r["split.rescale"], branch_init=r["split.branch_init"], weights=r["weights"],
-                     seed=r["seed"], input_size=(kwargs.get("in_chans", 3), size, size), **kwargs)
 
-    # -- checkpoints
-    def _save_tree_dir(self, target: Path, model: HeadTree, extra: Callable[[Path], None] | None = None) -> None:
-        model.save(target, overwrite=True, extra=extra)
+def _tree(recipe: R.Recipe, classes: int) -> HeadTree:
+    r = recipe
+    if r.tree:
+        tree = HeadTree.load(r.tree)
+        have = tree.spec.model_args.get("num_classes", tree.spec.pretrained_cfg.get("num_classes"))
+        if have != classes:
+            raise HeadsurgeonError(f"tree '{r.tree}' has {have} classes but dataset '{r.data.dataset}' has "
+                                   f"{classes}; re-split with --num-classes {classes}")
+        return tree
+    kwargs = dict(r.model_kwargs, num_classes=classes)
+    if r.pretrained:
+        kwargs["pretrained"] = True
+    size = r.data.img_size
+    return split(r.model, at=r.split.at, heads=r.split.heads, fanout=r.split.fanout, rescale=r.split.rescale,
+                 branch_init=r.split.branch_init, weights=r.weights, seed=r.seed,
+                 input_size=(kwargs.get("in_chans", 3), size, size), **kwargs)
 
-    # -- main loop
-    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
-        from timm.utils import ModelEmaV3, NativeScaler, distribute_bn
 
-        r, tree, dev = self.recipe, self.tree, self.device
-        cuda = dev.type == "cuda"
-        if r["amp"] and not cuda:
-            self.log("amp is for CUDA; training in fp32 on CPU")
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r["amp"]) if cuda else None
-        autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-        scaler = NativeScaler() if amp_dtype == torch.float16 else None
+def _fork_features(tree: HeadTree, data_cfg: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """Hook the trunk (level 0) so each forward leaves its output at the first fork in a dict, and
+    tell its channel count from a probe batch: what ONE's gate pools. With ``split.at: [input]``
+    the trunk passes the image through, so the gate sees the pooled image."""
+    box: dict[str, Any] = {}
 
-        if self.distributed and r["sync_bn"] and cuda:
-            from timm.layers import convert_sync_batchnorm
-            tree = self.tree = convert_sync_batchnorm(tree)
-        tree.to(dev)
-        if r["channels_last"]:
-            tree.to(memory_format=torch.channels_last)
-        # weight decay skips biases, norms and the model's own no_weight_decay() names (HeadTree maps them)
-        optimizer = create_optimizer_v2(tree, opt=r["optim.opt"], lr=r["optim.lr"], weight_decay=r["optim.weight_decay"],
-                                        momentum=r["optim.momentum"])
-        ema = ModelEmaV3(tree, decay=r["ema"]) if r["ema"] else None
-        model: Any = tree
-        if r["compile"]:
-            model = torch.compile(tree, backend=r["compile"] if isinstance(r["compile"], str) else "inductor")
-        if self.distributed:
-            unused = bool(getattr(tree, "has_unused_parameters", False))  # weights no node reads
-            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if cuda else None,
-                                                              find_unused_parameters=unused)
+    def first_tensor(values: Any) -> torch.Tensor:
+        for v in values if isinstance(values, (tuple, list)) else (values,):
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                return v
+        raise HeadsurgeonError("loss.objective 'one' needs a tensor at the first fork; this tree passes none")
 
-        data_cfg = self._data_cfg()
-        train_loader = D.loader(self.splits.train, r, data_cfg, True, dev, self.distributed)
-        evals = {k: D.loader(D.shard(getattr(self.splits, k), self.rank, self.world), r, data_cfg, False, dev)
-                 for k in ("val", "test")}
-        steps = len(train_loader)
-        scheduler = None
-        if r["sched.sched"] != "none":
-            scheduler, _ = create_scheduler_v2(
-                optimizer, sched=r["sched.sched"], num_epochs=r["epochs"], warmup_epochs=r["sched.warmup_epochs"],
-                warmup_lr=r["sched.warmup_lr"], min_lr=r["sched.min_lr"], decay_epochs=r["sched.decay_epochs"],
-                decay_milestones=r["sched.decay_milestones"], decay_rate=r["sched.decay_rate"],
-                step_on_epochs=r["sched.step_on_epochs"], updates_per_epoch=steps)
+    tree.levels[0][0].register_forward_hook(lambda m, i, out: box.__setitem__("fork", first_tensor(out)))
+    p = next(tree.parameters())
+    from .verify import eval_mode
 
-        start, history, best = 0, [], None
-        t_prev = 0.0
-        if self.state is not None:
-            s = self.state
-            optimizer.load_state_dict(s["optimizer"])
-            if scheduler is not None:
-                scheduler.load_state_dict(s["scheduler"])
-            if scaler is not None and s.get("scaler"):
-                scaler.load_state_dict(s["scaler"])
-            if ema is not None:
-                safetensors.torch.load_model(ema.module, str(self.out / "last" / EMA_FILE), device=str(dev))
-            start, history, best, t_prev = s["epoch"], s["history"], s["best"], s["wall_time_s"]
-            _set_rng_state(s["rng"][self.rank])
-            if self.primary:  # drop lines of an epoch that finished after the last checkpoint
-                lines = (self.out / "metrics.jsonl").read_text().splitlines() if (self.out / "metrics.jsonl").exists() else []
-                (self.out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:start]))
-        elif self.primary:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "recipe.yaml").write_text(yaml.safe_dump(R.nest(self.recipe), sort_keys=False))
-        if self.primary:
-            self.log(f"training {tree.num_heads} heads of {tree.spec.architecture} on {self.splits.sizes()} "
-                     f"samples ({self.splits.num_classes} classes) on {dev}"
-                     + (f" x {self.world} processes" if self.distributed else "") + f"; run dir {self.out}")
+    with eval_mode(tree), torch.no_grad():
+        tree(torch.zeros(1, *data_cfg["input_size"], device=p.device, dtype=p.dtype))
+    f = box.pop("fork")
+    return box, int(f.shape[1] if f.ndim == 4 else f.shape[-1])  # NCHW; tokens [B, N, C]; [B, C]
 
-        end = r["epochs"] if stop_after is None else min(r["epochs"], start + stop_after)
-        t0 = time.time() - t_prev
-        for epoch in range(start, end):
-            if self.distributed:
-                train_loader.sampler.set_epoch(epoch)
-            try:
-                loss, fit = self._train_epoch(model, tree, train_loader, optimizer, scheduler, scaler, ema, autocast, epoch)
-            except torch.cuda.OutOfMemoryError:
-                raise HeadsurgeonError(f"CUDA out of memory at batch size {r['data.batch_size']} per process; use a smaller "
-                                       f"batch, e.g. --set data.batch_size={max(1, r['data.batch_size'] // 2)}") from None
-            if self.distributed and not (r["sync_bn"] and cuda):
-                distribute_bn(tree, self.world, reduce=True)  # average BN running stats over ranks
-            lr = optimizer.param_groups[0]["lr"]  # the lr this epoch ended with (before the epoch step)
-            judged = ema.module if ema is not None else tree
-            metrics = {k: _evaluate(judged, v, dev, autocast, r["channels_last"], self.distributed) for k, v in evals.items()}
-            if scheduler is not None:
-                scheduler.step(epoch + 1, max(h["top1"] for h in metrics["val"]["heads"]))
-            row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss, "train_top1": fit,
-                   "time_s": round(time.time() - t0, 2), "val": metrics["val"], "test": metrics["test"]}
-            history.append(row)
-            head = max(range(tree.num_heads), key=lambda h: metrics["val"]["heads"][h]["top1"])
-            improved = best is None or metrics["val"]["heads"][head]["top1"] > best["val_top1"]
-            if improved:
-                best = {"epoch": epoch + 1, "head": head, "val_top1": metrics["val"]["heads"][head]["top1"]}
-            rngs = [_rng_state()]
-            if self.distributed:
-                rngs = [None] * self.world
-                torch.distributed.all_gather_object(rngs, _rng_state())
-            if self.primary:
-                with open(self.out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                if improved:
-                    self._save_tree_dir(self.out / "best", judged)
-                state = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                         "scaler": scaler.state_dict() if scaler is not None else None, "rng": rngs,
-                         "history": history, "best": best, "wall_time_s": time.time() - t0}
 
-                def extra(tmp: Path) -> None:
-                    torch.save(state, tmp / STATE_FILE)
-                    if ema is not None:
-                        safetensors.torch.save_model(ema.module, str(tmp / EMA_FILE))
+def build(recipe: R.Recipe, name: str = "run", output: str | None = None, resume: bool = False,
+          log: Callable[[str], None] = print) -> Run:
+    """Process group, run directory (locked), data, tree, objective, optimizer, schedule, AMP, EMA, DDP."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3, NativeScaler, random_seed
 
-                self._save_tree_dir(self.out / "last", tree, extra)
-                summary = self._summary(history, best, finished=epoch + 1 == r["epochs"], wall=time.time() - t0)
-                _write_json(self.out / "summary.json", summary)
-                self._log_epoch(row, r["epochs"])
-            if self.distributed:
-                torch.distributed.barrier()
-        summary = self._summary(history, best, finished=len(history) == r["epochs"], wall=time.time() - t0)
-        if self.primary and history:
-            self._plot(history)
-            _write_json(self.out / "summary.json", summary)
-        if self.distributed:
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-        return summary
+    r = recipe
+    proc = _process(r.device)
+    log = log if proc.primary else (lambda message: None)
+    run_dir = _run_dir(r, name, output, resume, proc, log)
+    random_seed(r.seed, proc.rank)
+    splits = D.splits(r)
+    tree = HeadTree.load(run_dir.resume_point()) if resume else _tree(r, splits.num_classes)
+    if proc.primary:  # only after everything that can refuse the input: a bad recipe writes nothing
+        run_dir.lock()
+        run_dir.clean_partial()
 
-    def _train_epoch(self, model, tree, loader, optimizer, scheduler, scaler, ema, autocast,
-                     epoch: int) -> tuple[float, list[float]]:
-        """One epoch; returns the mean loss and each head's top-1 on the (augmented, possibly noisy) training
-        labels as it went."""
-        from tqdm import tqdm
+    dev, cuda = proc.device, proc.device.type == "cuda"
+    if r.amp and not cuda:
+        log("amp is for CUDA; training in fp32 on CPU")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.amp) if cuda else None
+    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    scaler = NativeScaler() if amp_dtype == torch.float16 else None
+    if proc.distributed and r.sync_bn and cuda:
+        from timm.layers import convert_sync_batchnorm
+        tree = convert_sync_batchnorm(tree)
+    tree.to(dev)
+    tree.set_grad_checkpointing(r.grad_checkpointing)
+    if r.channels_last:
+        tree.to(memory_format=torch.channels_last)
 
-        r, dev = self.recipe, self.device
-        steps = len(loader)
-        heads = tree.num_heads
-        total = torch.zeros((), device=dev)
-        hits = torch.zeros(heads, device=dev)
-        seen = 0
-        model.train()
-        bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{r['epochs']}", leave=False,
-                   disable=None if self.primary else True, dynamic_ncols=True)
-        for step, (x, y) in enumerate(bar):
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            if r["channels_last"]:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                outs = model(x)
-                loss = collaborative_loss(outs, y, beta=r["loss.beta"], temperature=r["loss.temperature"],
-                                          t2=r["loss.t2"], label_smoothing=r["loss.label_smoothing"])
+    spec = tree.spec
+    data_cfg = D.data_config(r, spec.pretrained_cfg, spec.model_args.get("in_chans", 3))
+    objective = objective_for(r)
+    features: dict[str, Any] = {}
+    modules = None
+    if objective.feature_source == "fork" and tree.num_heads > 1:
+        features, channels = _fork_features(tree, data_cfg)
+        modules = objective.make_modules(channels, tree.num_heads, splits.num_classes)
+    elif objective.feature_source is not None:
+        raise HeadsurgeonError(f"loss.objective '{objective.name}' needs per-head features, which training does not "
+                               f"provide yet; use cl, dml, one or kdcl")
+    if modules is not None:
+        modules.to(dev)
+
+    # weight decay skips biases, norms and the model's own no_weight_decay() names (HeadTree maps them)
+    extra_opt = {k: v for k, v in (("eps", r.optim.opt_eps), ("betas", r.optim.opt_betas)) if v is not None}
+    if "betas" in extra_opt:
+        extra_opt["betas"] = tuple(extra_opt["betas"])
+    try:
+        optimizer = create_optimizer_v2(tree, opt=r.optim.opt, lr=r.optim.lr, weight_decay=r.optim.weight_decay,
+                                        momentum=r.optim.momentum, layer_decay=r.optim.layer_decay, **extra_opt)
+    except (ValueError, TypeError, AssertionError) as e:
+        raise HeadsurgeonError(f"optimizer '{r.optim.opt}' cannot be created: {str(e).splitlines()[0][:200]} "
+                               f"(optim.* keys; timm.optim.list_optimizers() names them)") from None
+    if modules is not None:  # the objective's own parameters (ONE's gate), decayed like the heads' weights
+        optimizer.add_param_group({"params": list(modules.parameters())})
+    ema = ModelEmaV3(tree, decay=r.ema) if r.ema else None
+    model: Any = tree
+    if r.compile:
+        model = torch.compile(tree, backend=r.compile if isinstance(r.compile, str) else "inductor")
+    if proc.distributed:
+        ddp = torch.nn.parallel.DistributedDataParallel
+        model = ddp(model, device_ids=[dev.index] if cuda else None,
+                    find_unused_parameters=tree.has_unused_parameters)  # weights no node reads
+        if modules is not None:
+            modules = ddp(modules, device_ids=[dev.index] if cuda else None)
+
+    train_loader = D.loader(splits.train, r, data_cfg, True, dev, proc.distributed)
+    evals = {k: D.loader(D.shard(getattr(splits, k), proc.rank, proc.world), r, data_cfg, False, dev)
+             for k in ("val", "test")}
+    scheduler = None
+    if r.sched.sched != "none":
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=r.sched.sched, num_epochs=r.epochs, warmup_epochs=r.sched.warmup_epochs,
+            warmup_lr=r.sched.warmup_lr, min_lr=r.sched.min_lr, decay_epochs=r.sched.decay_epochs,
+            decay_milestones=r.sched.decay_milestones, decay_rate=r.sched.decay_rate,
+            step_on_epochs=r.sched.step_on_epochs, updates_per_epoch=_updates(len(train_loader), r))
+    return Run(r, proc, run_dir, splits, tree, model, objective, modules, features, optimizer, scheduler, scaler, ema,
+               autocast, train_loader, evals, log, _mixup(r, splits.num_classes))
+
+
+def _updates(batches: int, recipe: R.Recipe) -> int:
+    """Optimizer steps per epoch: one per ``grad_accum_steps`` micro-batches, the last group possibly short."""
+    return -(-batches // recipe.optim.grad_accum_steps)
+
+
+def _unwrapped(module: Any) -> Any:
+    return getattr(module, "module", module)
+
+
+def restore(run: Run) -> None:
+    """Continue from ``last/``: optimizer, schedule, scaler, EMA, the objective's modules, RNG, history."""
+    point = run.dir.resume_point()
+    s = run.dir.load_state(point)
+    run.optimizer.load_state_dict(s["optimizer"])
+    extended = s.get("epochs", run.recipe.epochs) != run.recipe.epochs
+    if run.scheduler is not None and not extended:
+        run.scheduler.load_state_dict(s["scheduler"])
+    elif run.scheduler is not None:  # a longer run: the new schedule, at the point where the old one stopped
+        if run.recipe.sched.step_on_epochs:
+            run.scheduler.step(s["epoch"])
+        else:
+            run.scheduler.step_update(s["epoch"] * _updates(len(run.train_loader), run.recipe))
+    if run.scaler is not None and s.get("scaler"):
+        run.scaler.load_state_dict(s["scaler"])
+    if run.ema is not None:
+        run.dir.load_into(run.ema.module, point, EMA_FILE, run.proc.device)
+    if run.modules is not None:
+        run.dir.load_into(_unwrapped(run.modules), point, OBJECTIVE_FILE, run.proc.device)
+    run.start, run.history, run.best, run.wall_before = s["epoch"], s["history"], s["best"], s["wall_time_s"]
+    if "step" in s:  # mid-epoch: train_epoch replays the epoch's data order up to the step, then continues
+        run.recovery = s
+    else:
+        set_rng_state(s["rng"][run.proc.rank])
+    if run.proc.primary:  # metrics.jsonl = the checkpoint's history; a corrupt or extra line is reported, not kept
+        bad = run.dir.rewrite_metrics(run.history)
+        if bad:
+            run.log(f"metrics.jsonl: line(s) {', '.join(map(str, bad))} did not match the checkpoint "
+                    f"(corrupt, edited or half-written); rewritten from {point.name}/{STATE_FILE}")
+
+
+# ------------------------------------------------------------------------------- the loop
+
+def train_epoch(run: Run, epoch: int) -> tuple[float, list[float], dict[str, Any]]:
+    """One epoch. Returns the mean loss, each head's top-1 on the (augmented, possibly noisy) training
+    labels as it went, and the objective's per-head hard/soft terms averaged over the epoch.
+
+    With ``optim.grad_accum_steps`` k, the optimizer steps once per k micro-batches (each loss
+    scaled by its share of the group; DDP syncs gradients only on the group's last micro-batch),
+    and the scheduler, EMA and clipping run per optimizer step, as in timm's train.py.
+    """
+    from timm.utils import dispatch_clip_grad
+    from tqdm import tqdm
+
+    r, dev, tree, loader = run.recipe, run.proc.device, run.tree, run.train_loader
+    steps, accum = len(loader), r.optim.grad_accum_steps
+    updates = _updates(steps, r)
+    heads = tree.num_heads
+    total = torch.zeros((), device=dev)
+    hits = torch.zeros(heads, device=dev)
+    terms = torch.zeros(3, heads, device=dev)  # hard, soft, extra (teacher CE, in slot 0)
+    seen = 0
+    rec, run.recovery = run.recovery, None
+    if rec is not None:  # the RNG of the epoch's start: the same data order and augmentation draws
+        set_rng_state(rec["epoch_rng"][run.proc.rank])
+        total, hits, terms = (rec["sums"][k].to(dev) for k in ("total", "hits", "terms"))
+        seen = rec["sums"]["seen"]
+    epoch_rng = _gather(run, rng_state())
+    run.model.train()
+    if run.modules is not None:
+        run.modules.train()
+    run.objective.set_epoch(epoch)
+    mixup = run.mixup if run.mixup is not None and (not r.data.mixup_off_epoch or epoch < r.data.mixup_off_epoch) \
+        else None
+    bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{r.epochs}", leave=False,
+               disable=None if run.proc.primary else True, dynamic_ncols=True)
+    params = [*tree.parameters(), *(run.modules.parameters() if run.modules is not None else ())]
+    clip = r.optim.clip_grad
+    for step, (x, y) in enumerate(bar):
+        if rec is not None and step < rec["step"]:  # trained before the kill: replay the batch, skip the step
+            if step == rec["step"] - 1:
+                set_rng_state(rec["rng"][run.proc.rank])  # the RNG as it was after that step
+            continue
+        update, first = step // accum, step % accum == 0
+        group = min(accum, steps - update * accum)  # micro-batches in this optimizer step
+        last = step % accum == group - 1
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        target = y
+        if mixup is not None:
+            x, target = mixup(x, y)
+        if r.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        sync = contextlib.nullcontext() if last or not run.proc.distributed else _no_sync(run)
+        with sync:
+            with run.autocast():
+                outs = run.model(x)
+                out = run.objective(outs, target, features=run.features.pop("fork", None), modules=run.modules)
+            loss = out.loss
             if not torch.isfinite(loss).item():
-                raise HeadsurgeonError(f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1}; stopped, keeping the "
-                                       f"last good checkpoint in {self.out / 'last'} (lower optim.lr, or turn amp off)")
-            optimizer.zero_grad(set_to_none=True)
-            clip = r["optim.clip_grad"]
-            if scaler is not None:
-                scaler(loss, optimizer, clip_grad=clip, parameters=tree.parameters())
+                raise HeadsurgeonError(f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1}; stopped, keeping "
+                                       f"the last good checkpoint in {run.dir.last} (lower optim.lr, or turn amp off)")
+            if first:
+                run.optimizer.zero_grad(set_to_none=True)
+            scaled = loss / group if group > 1 else loss
+            if run.scaler is not None:
+                run.scaler(scaled, run.optimizer, clip_grad=clip, clip_mode=r.optim.clip_mode, parameters=params,
+                           need_update=last)
             else:
-                loss.backward()
-                if clip:
-                    torch.nn.utils.clip_grad_norm_(tree.parameters(), clip)
-                optimizer.step()
-            if ema is not None:
-                ema.update(tree, step=epoch * steps + step)
-            if scheduler is not None:
-                scheduler.step_update(epoch * steps + step + 1)
-            with torch.no_grad():
-                total += loss.detach() * len(y)
-                hits += torch.stack([(o.argmax(1) == y).sum() for o in outs]).float()
-                seen += len(y)
-            if self.primary and (step % 10 == 0 or step == steps - 1) and not bar.disable:
-                acc = " ".join(f"{a:.0f}" for a in (hits * 100 / seen).tolist())
-                bar.set_postfix_str(f"loss {total.item() / seen:.3f} acc/head {acc}")
-        bar.close()
-        stats = torch.cat([total.reshape(1), torch.tensor([float(seen)], device=dev), hits])
-        if self.distributed:
-            torch.distributed.all_reduce(stats)
-        fit = [round(h * 100 / stats[1].item(), 2) for h in stats[2:].tolist()]
-        return stats[0].item() / stats[1].item(), fit
+                scaled.backward()
+                if last:
+                    if clip:
+                        dispatch_clip_grad(params, clip, mode=r.optim.clip_mode)
+                    run.optimizer.step()
+        if last:
+            if run.ema is not None:
+                run.ema.update(tree, step=epoch * updates + update)
+            if run.scheduler is not None:
+                run.scheduler.step_update(epoch * updates + update + 1)
+        with torch.no_grad():
+            total += loss.detach() * len(y)
+            hits += torch.stack([(o.argmax(1) == y).sum() for o in outs]).float()
+            terms[0] += torch.stack(out.hard) * len(y)
+            terms[1] += torch.stack(out.soft) * len(y)
+            if "teacher_ce" in out.extra:
+                terms[2, 0] += out.extra["teacher_ce"] * len(y)
+            seen += len(y)
+        if last and r.recovery_interval and (update + 1) % r.recovery_interval == 0 and step < steps - 1:
+            _recovery_point(run, epoch, step + 1, epoch_rng,
+                            {"total": total.cpu(), "hits": hits.cpu(), "terms": terms.cpu(), "seen": seen})
+        if run.proc.primary and (step % 10 == 0 or step == steps - 1) and not bar.disable:
+            acc = " ".join(f"{a:.0f}" for a in (hits * 100 / seen).tolist())
+            bar.set_postfix_str(f"loss {total.item() / seen:.3f} acc/head {acc}")
+    bar.close()
+    stats = torch.cat([total.reshape(1), torch.tensor([float(seen)], device=dev), hits, terms.flatten()])
+    if run.proc.distributed:
+        torch.distributed.all_reduce(stats)
+    n = stats[1].item()
+    fit = [round(h * 100 / n, 2) for h in stats[2:2 + heads].tolist()]
+    t = (stats[2 + heads:].reshape(3, heads) / n).tolist()
+    logged = {"objective": run.objective.name, "hard": [round(v, 5) for v in t[0]], "soft": [round(v, 5) for v in t[1]]}
+    if run.objective.name in ("one", "pcl") and heads > 1:
+        logged["teacher_ce"] = round(t[2][0], 5)
+    return stats[0].item() / n, fit, logged
 
-    def _data_cfg(self) -> dict[str, Any]:
-        spec = self.tree.spec
-        return D.data_config(self.recipe, spec.pretrained_cfg, spec.model_args.get("in_chans", 3))
 
-    def _summary(self, history: list[dict], best: dict | None, finished: bool, wall: float) -> dict[str, Any]:
-        row = history[best["epoch"] - 1]
-        heads = [{"index": i, "val_top1": v["top1"], "val_top5": v["top5"], "test_top1": t["top1"], "test_top5": t["top5"]}
-                 for i, (v, t) in enumerate(zip(row["val"]["heads"], row["test"]["heads"]))]
-        ens = {"val_top1": row["val"]["ensemble"]["top1"], "val_top5": row["val"]["ensemble"]["top5"],
-               "test_top1": row["test"]["ensemble"]["top1"], "test_top5": row["test"]["ensemble"]["top5"]}
-        return {"run": str(self.out), "finished": finished, "epochs_done": len(history), "epochs": self.recipe["epochs"],
-                "best_epoch": best["epoch"], "best_head": best["head"], "heads": heads, "ensemble": ens,
-                "weights": "ema" if self.recipe["ema"] else "model", "best_dir": "best",
-                "num_classes": self.splits.num_classes, "label_names": self.splits.label_names, "samples": self.splits.sizes(),
-                "label_noise": self.splits.noise, "device": str(self.device), "world_size": self.world,
-                "wall_time_s": round(wall, 1)}
+def _gather(run: Run, obj: Any) -> list[Any]:
+    """One object per rank (RNG states), in rank order."""
+    if not run.proc.distributed:
+        return [obj]
+    out = [None] * run.proc.world
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
-    def _log_epoch(self, row: dict[str, Any], epochs: int) -> None:
-        def accs(m):
-            return " ".join(f"{h['top1']:.1f}" for h in m["heads"]) + f" | ens {m['ensemble']['top1']:.1f}"
 
-        self.log(f"epoch {row['epoch']}/{epochs} loss {row['train_loss']:.4f} lr {row['lr']:.3g} "
-                 f"val top1 {accs(row['val'])}  test top1 {accs(row['test'])}  [{row['time_s']:.0f}s]")
+def _optim_state(run: Run) -> dict[str, Any]:
+    return {"optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None}
 
-    def _plot(self, history: list[dict]) -> None:
+
+def _recovery_point(run: Run, epoch: int, step: int, epoch_rng: list[Any], sums: dict[str, Any]) -> None:
+    """``recovery/``: the weights and everything else after ``step`` batches of ``epoch``."""
+    rngs = _gather(run, rng_state())
+    if not run.proc.primary:
+        return
+    state = {"epoch": epoch, "step": step, "epochs": run.recipe.epochs, **_optim_state(run), "rng": rngs,
+             "epoch_rng": epoch_rng, "sums": sums, "history": run.history, "best": run.best,
+             "wall_time_s": run.wall_before + time.time() - run.t_start}
+    run.dir.save_last(run.tree, state, run.ema.module if run.ema is not None else None,
+                      _unwrapped(run.modules) if run.modules is not None else None, where="recovery")
+
+
+@contextlib.contextmanager
+def _no_sync(run: Run):
+    """DDP: no gradient all-reduce on the micro-batches before a group's last one."""
+    with contextlib.ExitStack() as stack:
+        for m in (run.model, run.modules):
+            if hasattr(m, "no_sync"):
+                stack.enter_context(m.no_sync())
+        yield
+
+
+def _summary(run: Run, finished: bool, wall: float) -> dict[str, Any]:
+    row = run.history[run.best["epoch"] - 1]
+    heads = [{"index": i, "val_top1": v["top1"], "val_top5": v["top5"], "test_top1": t["top1"], "test_top5": t["top5"]}
+             for i, (v, t) in enumerate(zip(row["val"]["heads"], row["test"]["heads"]))]
+    ens = {"val_top1": row["val"]["ensemble"]["top1"], "val_top5": row["val"]["ensemble"]["top5"],
+           "test_top1": row["test"]["ensemble"]["top1"], "test_top5": row["test"]["ensemble"]["top5"]}
+    sp = run.splits
+    return {"run": str(run.dir), "finished": finished, "epochs_done": len(run.history), "epochs": run.recipe.epochs,
+            "best_epoch": run.best["epoch"], "best_head": run.best["head"], "heads": heads, "ensemble": ens,
+            "objective": run.objective.describe(), "weights": "ema" if run.recipe.ema else "model", "best_dir": "best",
+            "num_classes": sp.num_classes, "label_names": sp.label_names, "samples": sp.sizes(),
+            "label_noise": sp.noise, "device": str(run.proc.device), "world_size": run.proc.world,
+            "wall_time_s": round(wall, 1)}
+
+
+def _log_epoch(run: Run, row: dict[str, Any]) -> None:
+    def accs(m):
+        return " ".join(f"{h['top1']:.1f}" for h in m["heads"]) + f" | ens {m['ensemble']['top1']:.1f}"
+
+    run.log(f"epoch {row['epoch']}/{run.recipe.epochs} loss {row['train_loss']:.4f} lr {row['lr']:.3g} "
+            f"val top1 {accs(row['val'])}  test top1 {accs(row['test'])}  [{row['time_s']:.0f}s]")
+
+
+def _checkpoint(run: Run, epoch: int, improved: bool, judged: HeadTree, t0: float) -> None:
+    """Save ``best/`` (with its record) if improved, then ``last/`` and the summary; primary only."""
+    rngs = _gather(run, rng_state())
+    if not run.proc.primary:
+        return
+    summary = _summary(run, finished=epoch + 1 == run.recipe.epochs, wall=time.time() - t0)
+    if improved:
+        run.dir.save_best(judged, summary)
+    state = {"epoch": epoch + 1, "epochs": run.recipe.epochs, **_optim_state(run), "rng": rngs,
+             "history": run.history, "best": run.best, "wall_time_s": time.time() - t0}
+    run.dir.save_last(run.tree, state, run.ema.module if run.ema is not None else None,
+                      _unwrapped(run.modules) if run.modules is not None else None)
+    run.dir.drop_recovery()
+    run.dir.write_summary(summary)
+
+
+def fit(run: Run, stop_after: int | None = None) -> dict[str, Any]:
+    """The epoch loop: train, average BN over ranks, evaluate, step the schedule, checkpoint."""
+    from timm.utils import distribute_bn
+
+    r, proc = run.recipe, run.proc
+    if proc.primary:  # a resumed run's recipe differs at most in resume-free keys or a longer `epochs`
+        run.dir.write_recipe(r)
+    run.log(f"training {run.tree.num_heads} heads of {run.tree.spec.architecture} on {run.splits.sizes()} samples "
+            f"({run.splits.num_classes} classes) on {proc.device}" + (f" x {proc.world} processes" if proc.distributed
+                                                                         else "") + f"; run dir {run.dir}")
+    end = r.epochs if stop_after is None else min(r.epochs, run.start + stop_after)
+    run.t_start = time.time()
+    trackers = tracking.start(run) if proc.primary else None  # summary.csv, TensorBoard, W&B (recipe log.*)
+    t0 = run.t_start - run.wall_before
+    for epoch in range(run.start, end):
+        if proc.distributed:
+            run.train_loader.sampler.set_epoch(epoch)
         try:
-            import matplotlib
+            t_train = time.time()
+            loss, fit_, terms = train_epoch(run, epoch)
+            t_train = time.time() - t_train
+        except torch.cuda.OutOfMemoryError:
+            raise HeadsurgeonError(f"CUDA out of memory at batch size {r.data.batch_size} per process; use a smaller "
+                                   f"batch, e.g. --set data.batch_size={max(1, r.data.batch_size // 2)}") from None
+        if proc.distributed and not (r.sync_bn and proc.device.type == "cuda"):
+            distribute_bn(run.tree, proc.world, reduce=True)  # average BN running stats over ranks
+        lr = run.optimizer.param_groups[0]["lr"]  # the lr this epoch ended with (before the epoch step)
+        judged = run.ema.module if run.ema is not None else run.tree
+        metrics = {k: evaluate(judged, v, proc.device, run.autocast, r.channels_last, proc.distributed)
+                   for k, v in run.eval_loaders.items()}
+        if run.scheduler is not None:
+            run.scheduler.step(epoch + 1, max(h["top1"] for h in metrics["val"]["heads"]))
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss, "train_top1": fit_, "loss_terms": terms,
+               "time_s": round(time.time() - t0, 2), "val": metrics["val"], "test": metrics["test"]}
+        run.history.append(row)
+        head = max(range(run.tree.num_heads), key=lambda h: metrics["val"]["heads"][h]["top1"])
+        improved = run.best is None or metrics["val"]["heads"][head]["top1"] > run.best["val_top1"]
+        if improved:
+            run.best = {"epoch": epoch + 1, "head": head, "val_top1": metrics["val"]["heads"][head]["top1"]}
+        if proc.primary:
+            run.dir.append_metrics(row)
+            trackers.epoch(row, run.best, train_s=t_train)
+        _checkpoint(run, epoch, improved, judged, t0)
+        if proc.primary:
+            _log_epoch(run, row)
+        if proc.distributed:
+            torch.distributed.barrier()
+    if trackers is not None:
+        trackers.close()
+    summary = _summary(run, finished=len(run.history) == r.epochs, wall=time.time() - t0)
+    if proc.primary and run.history:
+        if not run.dir.plot(run.history):
+            run.log("matplotlib is not installed; no curves.png")
+        run.dir.write_summary(summary)
+    return summary
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            self.log("matplotlib is not installed; no curves.png")
-            return
-        epochs = [h["epoch"] for h in history]
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-        for ax, split_ in zip(axes, ("val", "test")):
-            for i in range(len(history[0][split_]["heads"])):
-                ax.plot(epochs, [h[split_]["heads"][i]["top1"] for h in history], label=f"head {i}")
-            ax.plot(epochs, [h[split_]["ensemble"]["top1"] for h in history], "k--", label="ensemble")
-            ax.set_title(f"{split_} top-1 (%)")
-            ax.set_xlabel("epoch")
-            ax.grid(alpha=0.3)
-        axes[0].legend()
-        fig.tight_layout()
-        tmp = self.out / ".curves.tmp.png"
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, self.out / "curves.png")
 
-
-def train(recipe: dict[str, Any], name: str = "run", output: str | None = None, resume: bool = False,
+def train(recipe: R.Recipe, name: str = "run", output: str | None = None, resume: bool = False,
           stop_after: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train the recipe's tree; returns the run summary (also written to ``OUTPUT/summary.json``).
 
@@ -421,7 +581,16 @@ def train(recipe: dict[str, Any], name: str = "run", output: str | None = None, 
     """
     if stop_after is not None and stop_after < 1:
         raise HeadsurgeonError(f"stop_after must be >= 1, got {stop_after}")
-    run = _Run(recipe, name, output, resume, log)
-    if resume and run.state is not None and run.state["epoch"] >= recipe["epochs"]:
-        raise HeadsurgeonError(f"run '{run.out}' already finished its {recipe['epochs']} epochs")
-    return run.fit(stop_after)
+    run = build(recipe, name, output, resume, log)
+    try:
+        if resume:
+            restore(run)
+            if run.start >= recipe.epochs:
+                raise HeadsurgeonError(f"run '{run.dir}' already finished its {recipe.epochs} epochs")
+        return fit(run, stop_after)
+    finally:
+        if run.proc.primary:
+            run.dir.unlock()
+        if run.proc.distributed:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()

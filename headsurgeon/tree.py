@@ -27,12 +27,13 @@ from torchvision.models.feature_extraction import DualGraphModule
 from . import models, verify
 from .cut import cut_graph, feature_points, point_names, resolve_all
 from .errors import HeadsurgeonError
-from .storage import atomic_dir
+from .storage import atomic_dir, sha256_file
 from .trace import trace
 from .version import __version__
 
 SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "tree.safetensors"
+CHECKSUM_FILE = "tree.safetensors.sha256"
 FORMAT = 1
 BranchInit = Literal["independent", "copy", "pretrained"]
 # independent: every cloned copy draws timm's own init; copy: exact copies; pretrained (the default
@@ -141,6 +142,22 @@ class HeadTree(nn.Module):
         self.fanout = list(spec.fanout)
         self.rescale = spec.rescale
         self.owns_input = list(spec.owns_input or [False] * len(self.levels))
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every segment (trunk and branches) in the backward pass instead of keeping its
+        activations: the memory of a tree then grows with its segments' outputs, not their insides.
+
+        As with timm's own ``set_grad_checkpointing``, batch-norm running statistics are updated again
+        by the recomputation (gradients are unchanged)."""
+        self.grad_checkpointing = enable
+
+    def _run(self, seg: nn.Module, *args: Any) -> Any:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(seg, *args, use_reentrant=False)
+        return seg(*args)
 
     @property
     def num_heads(self) -> int:
@@ -158,12 +175,12 @@ class HeadTree(nn.Module):
         return out[::-1]
 
     def forward(self, x: torch.Tensor) -> list[Any]:
-        outs = [self.levels[0][0](x)]
+        outs = [self._run(self.levels[0][0], x)]
         for level in range(1, len(self.levels)):
             f = self.fanout[level - 1]
             scale = 1.0 / f if self.rescale else 1.0
             own = self.owns_input[level] and f > 1
-            outs = [seg(*fork(outs[j // f], scale, own)) for j, seg in enumerate(self.levels[level])]
+            outs = [self._run(seg, *fork(outs[j // f], scale, own)) for j, seg in enumerate(self.levels[level])]
         return outs
 
     def segments(self, head: int) -> list[nn.Module]:
@@ -185,6 +202,24 @@ class HeadTree(nn.Module):
         """Tree names of the source model's no-weight-decay parameters (read by timm's optimizer)."""
         base = set(self.spec.no_weight_decay)
         return {n for n, _ in self.named_parameters() if n.split(".", 3)[3] in base}  # levels.L.J.<timm name>
+
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
+        """The source model's layer groups for tree parameter names (timm's layer-wise lr decay).
+
+        Every copy of a branch parameter gets the layer id of its timm name in the original model,
+        so ``create_optimizer_v2(tree, layer_decay=...)`` scales the tree like the model it came from.
+        The source is built on the meta device: only its names and its own ``group_matcher`` are read.
+        """
+        from timm.models import group_parameters
+
+        with torch.device("meta"):
+            source = models.model_from_spec(self.spec)
+        if not hasattr(source, "group_matcher"):
+            raise HeadsurgeonError(f"optim.layer_decay needs layer groups; timm's {self.spec.architecture} defines no "
+                                   f"group_matcher (drop optim.layer_decay)")
+        layer_of = group_parameters(source, source.group_matcher(coarse=coarse), reverse=True)
+        last = max(layer_of.values(), default=0)
+        return lambda name: layer_of.get(name.split(".", 3)[3], last)  # levels.L.J.<timm name>
 
     def run_head(self, head: int, x: torch.Tensor) -> Any:
         """Forward through one root-to-leaf path only (what a collapsed model computes)."""
@@ -214,6 +249,10 @@ class HeadTree(nn.Module):
         x = probe if probe is not None else verify.probe(self.spec.input_size or (3, 224, 224), 1234, self)
         verify.check_collapsed(self, head, model, x, atol)
         return model
+
+    def nbytes(self) -> int:
+        """Size of ``tree.safetensors`` (less its header): what ``save`` is about to write."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
     def cost(self, input_size: Sequence[int] | None = None) -> dict[str, int]:
         """Parameters and FLOPs per image of the tree and of one head (= the base model)."""
@@ -252,6 +291,7 @@ class HeadTree(nn.Module):
         directory = Path(directory)
         with atomic_dir(directory, overwrite) as tmp:
             safetensors.torch.save_model(self, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            (tmp / CHECKSUM_FILE).write_text(f"{sha256_file(tmp / WEIGHTS_FILE)}  {WEIGHTS_FILE}\n")  # sha256sum -c
             (tmp / SPEC_FILE).write_text(self.spec.to_json())
             if extra is not None:
                 extra(tmp)
@@ -271,6 +311,7 @@ class HeadTree(nn.Module):
                 f"'{directory}' is not a head tree directory (needs {SPEC_FILE} and {WEIGHTS_FILE}); "
                 f"create one with `headsurgeon split`"
             )
+        _check_sum(directory)
         spec = SplitSpec.from_json(spec_path.read_text(), where=str(spec_path))
         m = models.model_from_spec(spec)
         protos, _, owns = _cut(m, spec.at, spec.input_size or models.default_input_size(m),
@@ -285,6 +326,19 @@ class HeadTree(nn.Module):
         except Exception as e:
             raise HeadsurgeonError(f"weights in '{weights}' do not fit the tree in its spec: {str(e).splitlines()[0][:300]}") from None
         return tree.to(device)
+
+
+def _check_sum(directory: Path) -> None:
+    """``tree.safetensors`` must match the sha256 written with it: a flipped block would otherwise load
+    as slightly wrong weights and collapse silently. Trees written before checksums have none."""
+    path = directory / CHECKSUM_FILE
+    if not path.is_file():
+        return
+    want = path.read_text(errors="replace").split()[:1]
+    got = sha256_file(directory / WEIGHTS_FILE)
+    if want != [got]:
+        raise HeadsurgeonError(f"'{directory / WEIGHTS_FILE}' does not match its checksum in {CHECKSUM_FILE} "
+                               f"(a corrupt file or disk); restore it from a copy or re-create the tree")
 
 
 # ------------------------------------------------------------------------------- split
@@ -325,6 +379,13 @@ def split(model: str | nn.Module, at: Sequence[str] | str = (), heads: int = 1, 
                                f"give one positive factor per split point whose product is {heads}")
     if branch_init not in (None, *BRANCH_INITS):
         raise HeadsurgeonError(f"branch_init must be one of {', '.join(BRANCH_INITS)}, got {branch_init!r}")
+    nc = create_kwargs.get("num_classes")
+    if nc is not None and (not isinstance(nc, int) or nc < 1):
+        raise HeadsurgeonError(f"num_classes must be a positive integer, got {nc!r} (0 would leave the model "
+                               f"without a classifier: nothing to collapse into a classifier head)")
+    if input_size is not None and (len(input_size) != 3 or any(not isinstance(v, int) or v < 1 for v in input_size)):
+        raise HeadsurgeonError(f"input_size must be three positive integers (C, H, W), e.g. (3, 224, 224); "
+                               f"got {tuple(input_size)}")
 
     src = models.source(model, create_kwargs, weights)
     m, label = src.model, src.name or type(src.model).__name__

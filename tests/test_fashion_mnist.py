@@ -112,7 +112,7 @@ def test_one_channel_loader_normalises_with_the_recipe_statistics(tmp_path):
     torch.testing.assert_close(x[0, 0], (torch.from_numpy(img.copy()).float() / 255 - 0.5) / 0.25)
     with pytest.raises(HeadsurgeonError, match="data.mean has 1 values but the model takes 3 channels"):
         D.data_config(flat, None, in_chans=3)
-    plain = {**flat, "data.mean": None, "data.std": None}
+    plain, _ = R.load(None, ["data.dataset=fashion-mnist", f"data.root={tmp_path}", "data.img_size=28", "data.batch_size=8"])
     cfg3 = D.data_config(plain, None, 3)
     x3, _ = next(iter(D.loader(sp.test, plain, cfg3, False, torch.device("cpu"))))
     assert x3.shape == (16, 3, 28, 28)  # grey replicated to RGB for a 3-channel (e.g. pretrained) model

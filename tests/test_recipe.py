@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -11,13 +12,13 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 def test_digits_recipe_is_the_embedded_default():
     flat, _ = R.load(RECIPES / "digits.yaml")
-    assert flat == R.validate(R.defaults())
+    assert flat == R.Recipe()
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_validates(path):
     flat, _ = R.load(path)
-    assert flat["epochs"] >= 1
+    assert flat.epochs >= 1
 
 
 def _write(tmp_path, text):
@@ -58,8 +59,8 @@ def test_bad_values_name_key_and_allowed(tmp_path, text, match):
 
 def test_set_overrides_and_types():
     flat, given = R.load(None, ["data.batch_size=8", "split.at=layer2,layer4", "ema=true", "amp=true", "output=null"])
-    assert flat["data.batch_size"] == 8 and flat["split.at"] == ["layer2", "layer4"]
-    assert flat["ema"] == 0.9998 and flat["amp"] == "bf16" and flat["output"] is None
+    assert flat.data.batch_size == 8 and flat.split.at == ["layer2", "layer4"]
+    assert flat.ema == 0.9998 and flat.amp == "bf16" and flat.output is None
     assert "data.batch_size" in given and "epochs" not in given
     with pytest.raises(HeadsurgeonError, match="--set expects key=value"):
         R.load(None, ["epochs"])
@@ -67,12 +68,12 @@ def test_set_overrides_and_types():
 
 def test_tree_excludes_model_and_split(tmp_path):
     flat, _ = R.load(_write(tmp_path, "tree: some-tree\n"))
-    assert flat["tree"] == "some-tree"
+    assert flat.tree == "some-tree"
     with pytest.raises(HeadsurgeonError, match="'tree' already fixes the model and its split; remove split.heads"):
         R.load(_write(tmp_path, "tree: t\nsplit: {heads: 2}\n"))
     # a tree given on the command line replaces the file's model and split
     flat, _ = R.load(RECIPES / "cifar10-2-heads.yaml", ["tree=t"])
-    assert flat["tree"] == "t" and flat["model_kwargs"] == R.defaults()["model_kwargs"]
+    assert flat.tree == "t" and flat.model_kwargs == R.Recipe().model_kwargs
 
 
 def test_missing_and_malformed_recipe(tmp_path):
@@ -84,10 +85,37 @@ def test_missing_and_malformed_recipe(tmp_path):
 
 def test_round_trip_and_diff():
     flat, _ = R.load(None, ["epochs=3"])
-    again = R.validate(R.flatten(yaml.safe_load(yaml.safe_dump(R.nest(flat))), "x"))
+    again = R.from_flat(R.flatten(yaml.safe_load(yaml.safe_dump(flat.nested())), "x"))
     assert again == flat
-    other = dict(flat, epochs=4, output="elsewhere")
+    other, _ = R.load(None, ["epochs=4", "output=elsewhere"])
     assert R.diff(flat, other) == ["epochs: 3 -> 4"]
+
+
+def test_every_error_of_a_recipe_in_one_line(tmp_path):
+    with pytest.raises(HeadsurgeonError) as e:
+        R.load(_write(tmp_path, "epochs: 0\ndata: {batchsize: 8, hflip: 2}\nloss: {beta: true}\n"))
+    msg = str(e.value)
+    assert "\n" not in msg
+    for part in ("'epochs' is 0", "unknown recipe key 'data.batchsize'; did you mean 'data.batch_size'",
+                 "'data.hflip' is 2; expected a number >= 0 and <= 1", "'loss.beta' is True"):
+        assert part in msg
+
+
+def test_json_schema_is_committed_and_named_by_every_recipe():
+    committed = (RECIPES / "recipe.schema.json").read_text()
+    assert committed == R.schema_text(), "regenerate with: headsurgeon recipe --schema -o recipes/recipe.schema.json"
+    schema = json.loads(committed)
+    assert schema["properties"]["epochs"]["minimum"] == 1 and schema["additionalProperties"] is False
+    for path in sorted(RECIPES.glob("*.yaml")):
+        assert path.read_text().startswith("# yaml-language-server: $schema=recipe.schema.json\n"), path.name
+
+
+def test_key_docs_cover_every_key():
+    docs = {d["key"]: d for d in R.key_docs()}
+    assert set(docs) == set(R.Recipe().flat())
+    assert docs["data.label_noise"]["allowed"] == "a number >= 0 and < 1"
+    assert docs["amp"]["allowed"] == "one of False, True, 'bf16', 'fp16'"
+    assert docs["split.fanout"]["allowed"] == "a list of integers or null" and docs["epochs"]["default"] == 20
 
 
 def test_paper_variants_map_to_trees():
@@ -96,10 +124,10 @@ def test_paper_variants_map_to_trees():
             "cifar10-2-heads": (["layer3"], 2, 0.0), "cifar10-4-heads-hierarchical": (["layer3", "layer4"], 4, 0.0)}
     for name, (at, heads, ls) in want.items():
         flat, _ = R.load(RECIPES / f"{name}.yaml")
-        assert (flat["split.at"], flat["split.heads"], flat["loss.label_smoothing"]) == (at, heads, ls), name
-        assert flat["model"] == "resnet18" and flat["model_kwargs"] == {} and flat["data.dataset"] == "torch/cifar10"
+        assert (flat.split.at, flat.split.heads, flat.loss.label_smoothing) == (at, heads, ls), name
+        assert flat.model == "resnet18" and flat.model_kwargs == {} and flat.data.dataset == "torch/cifar10"
     flat, _ = R.load(RECIPES / "imagenet-resnet50-4heads.yaml")
-    assert (flat["model"], flat["split.at"], flat["split.heads"]) == ("resnet50", ["layer3", "layer4"], 4)
+    assert (flat.model, flat.split.at, flat.split.heads) == ("resnet50", ["layer3", "layer4"], 4)
 
 
 

@@ -104,7 +104,7 @@ def test_resume_gives_the_same_weights_as_one_straight_run(folder, tmp_path):
     # a finished run refuses to resume; a changed recipe is refused, naming the change
     with pytest.raises(HeadsurgeonError, match="already finished"):
         T.train(flat, output=str(parts), resume=True, log=lambda m: None)
-    changed = dict(flat, **{"optim.lr": 0.5})
+    changed = flat.model_copy(update={"optim": flat.optim.model_copy(update={"lr": 0.5})})
     with pytest.raises(HeadsurgeonError, match=r"changed recipe: optim.lr: 0.05 -> 0.5"):
         T.train(changed, output=str(parts), resume=True, log=lambda m: None)
 
@@ -132,16 +132,36 @@ def test_collapse_run_dir_matches_reported_test_accuracy(folder, tmp_path, monke
     assert r.exit_code == 0 and (tmp_path / "h3" / "model.safetensors").is_file(), r.output
 
 
+class _Poisoned:
+    """An objective whose call is replaced, its other attributes (name, feature_source, ...) kept."""
+
+    def __init__(self, objective, call):
+        self._objective, self._call = objective, call
+
+    def __getattr__(self, name):
+        return getattr(self._objective, name)
+
+    def __call__(self, *a, **k):
+        return self._call(*a, **k)
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = T.collaborative_loss
+    real = T.objective_for
 
-    def poisoned(*a, **k):
-        calls["n"] += 1
-        loss = real(*a, **k)
-        return loss * float("nan") if calls["n"] == 6 else loss  # 4 steps per epoch: epoch 2, step 2
+    def poisoned(recipe):
+        objective = real(recipe)
 
-    monkeypatch.setattr(T, "collaborative_loss", poisoned)
+        def call(*a, **k):
+            calls["n"] += 1
+            out = objective(*a, **k)
+            if calls["n"] == 6:  # 4 steps per epoch: epoch 2, step 2
+                out.loss = out.loss * float("nan")
+            return out
+
+        return call
+
+    monkeypatch.setattr(T, "objective_for", lambda recipe: _Poisoned(real(recipe), poisoned(recipe)))
     out = tmp_path / "run"
     with pytest.raises(HeadsurgeonError, match=r"loss is nan at epoch 2 step 2; stopped, keeping the last good checkpoint"):
         T.train(_recipe(folder), output=str(out), log=lambda m: None)
@@ -153,7 +173,7 @@ def test_cuda_out_of_memory_says_so(folder, tmp_path, monkeypatch):
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
 
-    monkeypatch.setattr(T._Run, "_train_epoch", oom)
+    monkeypatch.setattr(T, "train_epoch", oom)
     with pytest.raises(HeadsurgeonError, match=r"CUDA out of memory at batch size 8 per process; .*data.batch_size=4"):
         T.train(_recipe(folder), output=str(tmp_path / "r"), log=lambda m: None)
 

@@ -1,0 +1,401 @@
+"""A training run's directory: every file a run writes or reads, in one place.
+
+Layout::
+
+    recipe.yaml      the resolved recipe (a resumed run must match it)
+    metrics.jsonl    one line per epoch: per-head and ensemble top-1/top-5 on val and test, train_top1,
+                     the objective's hard and soft loss terms per head
+    summary.json     best epoch/head and its accuracies (rewritten each epoch; ``finished`` at the end)
+    curves.png       per-head validation/test top-1 per epoch
+    best/            tree directory (spec.json, tree.safetensors) of the best validation epoch, and
+                     record.json: the summary as of that epoch, written in the same atomic step, so the
+                     weights and the accuracies that describe them can never disagree
+    last/            tree directory + state.pt (optimizer, scheduler, scaler, epoch, RNG, history) for
+                     --resume, ema.safetensors with EMA, objective.safetensors for an objective's own
+                     modules (ONE's gate)
+    .lock            the PID of the one process writing the run
+
+Checkpoint directories are written atomically (a hidden sibling renamed into place; leftovers of a
+killed write are removed on the next start); state is read with ``torch.load(weights_only=True)``
+and weights with safetensors, so loading never unpickles arbitrary objects.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+import yaml
+from torch import nn
+
+from . import recipe as R
+from . import storage
+from .errors import HeadsurgeonError
+from .tree import HeadTree
+
+RUNS = Path("runs")
+RECIPE_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE = "recipe.yaml", "metrics.jsonl", "summary.json", "curves.png"
+BEST, LAST, RECOVERY = "best", "last", "recovery"
+STATE_FILE, EMA_FILE, OBJECTIVE_FILE, RECORD_FILE = "state.pt", "ema.safetensors", "objective.safetensors", "record.json"
+LOCK_FILE = ".lock"
+
+
+def latest_run(root: Path = RUNS, prefix: str = "", need: str = SUMMARY_FILE) -> Path | None:
+    """Most recent run directory under ``root`` (by the mtime of ``need``)."""
+    runs = [p for p in root.glob(f"{prefix}*") if (p / need).exists()] if root.is_dir() else []
+    return max(runs, key=lambda p: (p / need).stat().st_mtime, default=None)
+
+
+def new_run_path(name: str) -> Path:
+    return RUNS / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    storage.write_json(path, obj, sort_keys=False)  # a run's JSON keeps the order it was written in
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step draws from (data order, augmentation, dropout), for a bit-identical resume."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+STATE_KEYS = ("epoch", "optimizer", "scheduler", "history", "best", "wall_time_s")
+RECOVERY_KEYS = ("step", "rng", "epoch_rng", "sums")
+
+
+def _loads(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def check_summary(s: Any, where: str, heads: int | None = None) -> dict[str, Any]:
+    """A run summary (``summary.json``, ``best/record.json``) with what collapse and the card read:
+    ``best_epoch``, ``best_head`` inside ``heads``, one accuracy row per head (``heads`` of them
+    when given). An edited or corrupt file would otherwise label weights with wrong numbers."""
+    def bad(what: str) -> HeadsurgeonError:
+        return HeadsurgeonError(f"'{where}' is invalid ({what}); was it edited? restore it or re-run training")
+
+    if not isinstance(s, dict):
+        raise bad("not a JSON object")
+    missing = [k for k in ("best_epoch", "best_head", "heads") if k not in s]
+    if missing:
+        raise bad(f"no {', '.join(missing)}")
+    rows = s["heads"]
+    if not isinstance(rows, list) or not rows or not all(
+            isinstance(h, dict) and all(isinstance(h.get(k), (int, float)) and not isinstance(h.get(k), bool)
+                                        for k in ("val_top1", "test_top1")) for h in rows):
+        raise bad("'heads' must list each head's val_top1 and test_top1")
+    if heads is not None and len(rows) != heads:
+        raise bad(f"{len(rows)} heads listed but the checkpoint has {heads}")
+    b = s["best_head"]
+    if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < len(rows):
+        raise bad(f"best_head {b!r} is not a head index 0..{len(rows) - 1}")
+    if not isinstance(s["best_epoch"], int) or isinstance(s["best_epoch"], bool) or s["best_epoch"] < 1:
+        raise bad(f"best_epoch {s['best_epoch']!r} is not an epoch number")
+    return s
+
+
+def read_summary(path: Path, heads: int | None = None) -> dict[str, Any] | None:
+    """A summary file, parsed and checked in one line each; None if absent."""
+    if not path.is_file():
+        return None
+    try:
+        s = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HeadsurgeonError(f"'{path}' is unreadable ({type(e).__name__}: {str(e)[:120]}); restore it or "
+                               f"re-run training") from None
+    return check_summary(s, str(path), heads)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return e.errno == errno.EPERM  # exists, owned by someone else
+    return True
+
+
+class RunDir:
+    """The files of one run. Only the primary process of a (DDP) run writes through it."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._locked = False
+        self._restart = False
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def best(self) -> Path:
+        return self.path / BEST
+
+    @property
+    def last(self) -> Path:
+        return self.path / LAST
+
+    @property
+    def recovery(self) -> Path:
+        return self.path / RECOVERY
+
+    def resumable(self) -> bool:
+        return (self.last / STATE_FILE).is_file() or (self.recovery / STATE_FILE).is_file()
+
+    def resume_point(self) -> Path:
+        """``recovery/`` when it is ahead of ``last/`` (a mid-epoch point of the epoch after it), else ``last/``."""
+        if not (self.recovery / STATE_FILE).is_file():
+            return self.last
+        if not (self.last / STATE_FILE).is_file():
+            return self.recovery  # killed during the first epoch
+        done = self.load_state(self.last)["epoch"]
+        at = self.load_state(self.recovery)["epoch"]
+        return self.recovery if at >= done else self.last
+
+    def check_new(self) -> bool:
+        """A new run may write here. True when the folder holds a run killed before its first
+        checkpoint (nothing to resume from): it is started over, its files replaced."""
+        if self.restartable():
+            storage.check_writable(self.path)
+            self._restart = True
+            return True
+        storage.check_output(self.path, fix="pass --resume to continue that run or choose another --output")
+        return False
+
+    def restartable(self) -> bool:
+        return (self.path / RECIPE_FILE).is_file() and not self.resumable() and not (self.path / "spec.json").exists()
+
+    def check_resume(self) -> None:
+        """Before any work: a resume point exists, its state file is sound, and the folder is writable."""
+        if not self.resumable():
+            raise HeadsurgeonError(f"cannot resume '{self}': it has no {LAST}/{STATE_FILE} or {RECOVERY}/{STATE_FILE} "
+                                   f"(no finished epoch or recovery point)"
+                                   + ("; start it over without --resume" if self.restartable() else ""))
+        self.load_state(self.resume_point())
+        storage.check_writable(self.path)
+
+    @contextmanager
+    def _writing(self, what: str):
+        """A failed write (a full disk) names what was kept and how to go on."""
+        try:
+            yield
+        except OSError as e:
+            raise storage.os_error(e, self.path / what, self._resume_hint()) from None
+        except HeadsurgeonError as e:
+            raise HeadsurgeonError(f"{e}; {self._resume_hint()}") from None
+
+    def _resume_hint(self) -> str:
+        return (f"the previous checkpoint is intact: free space, then continue with "
+                f"`headsurgeon train --resume -o {self.path}`")
+
+    # -- one writer
+    def owner(self) -> int | None:
+        """The PID of a live process holding this run's lock, else None."""
+        try:
+            pid = int((self.path / LOCK_FILE).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if pid > 0 and pid != os.getpid() and _alive(pid) else None
+
+    def check_unlocked(self) -> None:
+        pid = self.owner()
+        if pid is not None:
+            raise HeadsurgeonError(f"run directory '{self.path}' is in use by process {pid}; wait for it to finish "
+                                   f"(or stop it) before writing to this run")
+
+    def lock(self) -> None:
+        """Take the run's lock file (O_EXCL); a lock whose process is gone is stale and taken over.
+
+        Two processes writing one run would mix its metrics, summary and weights, and a later
+        ``collapse`` would label one run's weights with the other's accuracy.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = self.path / LOCK_FILE
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self.check_unlocked()
+                lock.unlink(missing_ok=True)  # stale: its process was killed
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            self._locked = True
+            return
+        raise HeadsurgeonError(f"cannot take the lock of run directory '{self.path}'; remove {lock} if no run uses it")
+
+    def unlock(self) -> None:
+        if self._locked:
+            (self.path / LOCK_FILE).unlink(missing_ok=True)
+            self._locked = False
+
+    def clean_partial(self) -> None:
+        """Remove what a killed write left: hidden temporary checkpoint and JSON siblings, and, for a
+        run started over (see :meth:`check_new`), the files of the attempt that was killed."""
+        if self._restart:
+            for name in (METRICS_FILE, SUMMARY_FILE, CURVES_FILE):
+                (self.path / name).unlink(missing_ok=True)
+            shutil.rmtree(self.best, ignore_errors=True)
+        for p in self.path.glob(".*"):
+            if p.name.startswith((f".{BEST}.", f".{LAST}.", f".{RECOVERY}.")) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.name.endswith(".tmp") or p.name.endswith(".tmp.png"):
+                p.unlink(missing_ok=True)
+
+    # -- recipe
+    def write_recipe(self, recipe: R.Recipe) -> None:
+        (self.path / RECIPE_FILE).write_text(yaml.safe_dump(recipe.nested(), sort_keys=False))
+
+    def read_recipe(self) -> R.Recipe:
+        """The stored recipe; keys added since the run started take their defaults."""
+        where = str(self.path / RECIPE_FILE)
+        return R.from_flat(R.read(self.path / RECIPE_FILE, where), where)
+
+    # -- metrics
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with self._writing(METRICS_FILE), open(self.path / METRICS_FILE, "a") as f:
+            f.write(json.dumps(row) + "\n")  # a half-written line is replaced on --resume (rewrite_metrics)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """Every epoch's row; a line that is not a JSON object is refused, never skipped."""
+        p = self.path / METRICS_FILE
+        rows = []
+        for n, line in enumerate(p.read_text(errors="replace").splitlines() if p.exists() else [], 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict):
+                raise HeadsurgeonError(f"'{p}' line {n} is not a JSON object (a corrupt or edited file); "
+                                       f"`headsurgeon train --resume -o {self.path}` rewrites it from the checkpoint")
+            rows.append(row)
+        return rows
+
+    def rewrite_metrics(self, history: list[dict[str, Any]]) -> list[int]:
+        """Make ``metrics.jsonl`` the checkpoint's history (epochs after it are trained again).
+
+        Returns the line numbers that differed from it (corrupt, edited, or half-written by a kill
+        or a full disk), for the caller to report: they are replaced, never kept silently.
+        """
+        p = self.path / METRICS_FILE
+        lines = p.read_text(errors="replace").splitlines() if p.exists() else []
+        want = [json.dumps(row) for row in history]
+        bad = [n for n, (old, new) in enumerate(zip(lines, want), 1) if old != new and _loads(old) != _loads(new)]
+        bad += list(range(len(lines) + 1, len(want) + 1))  # missing lines
+        storage.write_text(p, "".join(line + "\n" for line in want))
+        return bad
+
+    # -- checkpoints
+    def save_best(self, tree: HeadTree, record: dict[str, Any]) -> None:
+        with self._writing(BEST):
+            tree.save(self.best, overwrite=True, extra=lambda tmp: write_json(tmp / RECORD_FILE, record))
+
+    def save_last(self, tree: HeadTree, state: dict[str, Any], ema: nn.Module | None = None,
+                  objective: nn.Module | None = None, where: str = LAST) -> None:
+        """A resumable checkpoint: ``last/`` after an epoch, ``recovery/`` within one."""
+        def extra(tmp: Path) -> None:
+            torch.save(state, tmp / STATE_FILE)
+            if ema is not None:
+                safetensors.torch.save_model(ema, str(tmp / EMA_FILE))
+            if objective is not None:
+                safetensors.torch.save_model(objective, str(tmp / OBJECTIVE_FILE))
+
+        with self._writing(where):
+            tree.save(self.path / where, overwrite=True, extra=extra)
+
+    def drop_recovery(self) -> None:
+        """After an epoch's ``last/`` is written its mid-epoch point is obsolete."""
+        shutil.rmtree(self.recovery, ignore_errors=True)
+
+    def load_state(self, point: Path) -> dict[str, Any]:
+        """``<point>/state.pt``, checked: an empty, truncated, random or incomplete file is one line."""
+        path = point / STATE_FILE
+        fix = (f"delete {point} to resume from the previous checkpoint, or start a new run" if point.name == RECOVERY
+               else "start a new run (or restore the file from a backup)")
+        try:
+            s = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # EOFError, RuntimeError (zip), UnpicklingError, ...: all mean "not a state file"
+            msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+            raise HeadsurgeonError(f"cannot resume '{self.path}': {point.name}/{STATE_FILE} is unreadable "
+                                   f"({type(e).__name__}{': ' + msg if msg else ''}); {fix}") from None
+        need = STATE_KEYS + (RECOVERY_KEYS if isinstance(s, dict) and "step" in s else ("rng",))
+        missing = [k for k in need if not isinstance(s, dict) or k not in s]
+        if missing:
+            raise HeadsurgeonError(f"cannot resume '{self.path}': {point.name}/{STATE_FILE} is incomplete "
+                                   f"(no {', '.join(missing)}); {fix}")
+        if not isinstance(s["epoch"], int) or not isinstance(s["history"], list) or len(s["history"]) != s["epoch"]:
+            raise HeadsurgeonError(f"cannot resume '{self.path}': {point.name}/{STATE_FILE} is inconsistent "
+                                   f"(epoch {s['epoch']!r} but {len(s['history']) if isinstance(s['history'], list) else '?'} "
+                                   f"epochs of history); {fix}")
+        return s
+
+    def load_into(self, module: nn.Module, point: Path, name: str, device: str | torch.device) -> None:
+        """Weights of ``<point>/<name>`` (EMA, objective modules) into ``module``."""
+        path = point / name
+        if not path.is_file():
+            raise HeadsurgeonError(f"cannot resume '{self.path}': {point.name}/{name} is missing")
+        safetensors.torch.load_model(module, str(path), device=str(device))
+
+    # -- summary and plot
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        with self._writing(SUMMARY_FILE):
+            write_json(self.path / SUMMARY_FILE, summary)
+
+    def summary(self, heads: int | None = None) -> dict[str, Any] | None:
+        """``summary.json``, checked (see :func:`check_summary`); None if absent."""
+        return read_summary(self.path / SUMMARY_FILE, heads)
+
+    def best_record(self, heads: int | None = None) -> dict[str, Any] | None:
+        """The summary as of the epoch whose weights ``best/`` holds (None for runs older than records)."""
+        return read_summary(self.best / RECORD_FILE, heads)
+
+    def plot(self, history: list[dict[str, Any]]) -> bool:
+        """``curves.png``: each head's and the ensemble's val/test top-1 per epoch. False without matplotlib."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return False
+        epochs = [h["epoch"] for h in history]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        for ax, split_ in zip(axes, ("val", "test")):
+            for i in range(len(history[0][split_]["heads"])):
+                ax.plot(epochs, [h[split_]["heads"][i]["top1"] for h in history], label=f"head {i}")
+            ax.plot(epochs, [h[split_]["ensemble"]["top1"] for h in history], "k--", label="ensemble")
+            ax.set_title(f"{split_} top-1 (%)")
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+        axes[0].legend()
+        fig.tight_layout()
+        tmp = self.path / ".curves.tmp.png"
+        try:
+            with self._writing(CURVES_FILE):
+                fig.savefig(tmp, dpi=100)
+                os.replace(tmp, self.path / CURVES_FILE)
+        finally:
+            plt.close(fig)
+            tmp.unlink(missing_ok=True)
+        return True
