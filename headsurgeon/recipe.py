@@ -237,6 +237,8 @@ class Recipe(_Section):
     recovery_interval: int = Field(0, ge=0, description="also checkpoint every N optimizer steps within an epoch "
                                    "(recovery/, only the latest kept; 0: off; timm --recovery-interval); --resume "
                                    "continues from it bit-identically")
+    checkpoint_hist: int = Field(1, ge=1, description="keep the N best epochs as history/epoch-NNN/ tree directories "
+                                 "(with record.json; collapse takes any of them); 1: best/ only (timm --checkpoint-hist)")
     grad_checkpointing: bool = Field(False, description="recompute every tree segment in the backward pass instead "
                                      "of storing its activations (timm --grad-checkpointing)")
     channels_last: bool = Field(False, description="channels_last memory format")

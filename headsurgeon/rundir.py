@@ -44,7 +44,7 @@ from .tree import HeadTree
 
 RUNS = Path("runs")
 RECIPE_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE = "recipe.yaml", "metrics.jsonl", "summary.json", "curves.png"
-BEST, LAST, RECOVERY = "best", "last", "recovery"
+BEST, LAST, RECOVERY, HISTORY = "best", "last", "recovery", "history"
 STATE_FILE, EMA_FILE, OBJECTIVE_FILE, RECORD_FILE = "state.pt", "ema.safetensors", "objective.safetensors", "record.json"
 LOCK_FILE = ".lock"
 
@@ -323,6 +323,24 @@ class RunDir:
 
         with self._writing(where):
             tree.save(self.path / where, overwrite=True, extra=extra)
+
+    def save_history(self, tree: HeadTree, record: dict[str, Any], keep: int) -> None:
+        """``history/epoch-NNN/`` (tree + record.json) for the ``keep`` best epochs so far, by the
+        validation top-1 of each epoch's best head (timm's ``--checkpoint-hist``); worse ones are removed."""
+        hist = self.path / HISTORY
+        score = lambda r: r["heads"][r["best_head"]]["val_top1"]  # noqa: E731
+        kept = []
+        for d in sorted(hist.glob("epoch-*")) if hist.is_dir() else []:
+            try:
+                kept.append((score(json.loads((d / RECORD_FILE).read_text())), -int(d.name[6:]), d))
+            except (OSError, ValueError, KeyError, IndexError):
+                shutil.rmtree(d, ignore_errors=True)  # half-written by a kill: not a checkpoint
+        mine = (score(record), -record["best_epoch"], hist / f"epoch-{record['best_epoch']:03d}")
+        ranked = sorted([*kept, mine], reverse=True)  # best first; on a tie the earlier epoch
+        if mine in ranked[:keep]:
+            tree.save(mine[2], overwrite=True, extra=lambda tmp: write_json(tmp / RECORD_FILE, record))
+        for _, _, d in ranked[keep:]:
+            shutil.rmtree(d, ignore_errors=True)
 
     def drop_recovery(self) -> None:
         """After an epoch's ``last/`` is written its mid-epoch point is obsolete."""

@@ -476,15 +476,17 @@ def _no_sync(run: Run):
         yield
 
 
-def _summary(run: Run, finished: bool, wall: float) -> dict[str, Any]:
-    row = run.history[run.best["epoch"] - 1]
+def _summary(run: Run, finished: bool, wall: float, best: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's summary: accuracies at the best epoch (or at ``best``, another epoch's choice)."""
+    best = best or run.best
+    row = run.history[best["epoch"] - 1]
     heads = [{"index": i, "val_top1": v["top1"], "val_top5": v["top5"], "test_top1": t["top1"], "test_top5": t["top5"]}
              for i, (v, t) in enumerate(zip(row["val"]["heads"], row["test"]["heads"]))]
     ens = {"val_top1": row["val"]["ensemble"]["top1"], "val_top5": row["val"]["ensemble"]["top5"],
            "test_top1": row["test"]["ensemble"]["top1"], "test_top5": row["test"]["ensemble"]["top5"]}
     sp = run.splits
     return {"run": str(run.dir), "finished": finished, "epochs_done": len(run.history), "epochs": run.recipe.epochs,
-            "best_epoch": run.best["epoch"], "best_head": run.best["head"], "heads": heads, "ensemble": ens,
+            "best_epoch": best["epoch"], "best_head": best["head"], "heads": heads, "ensemble": ens,
             "objective": run.objective.describe(), "weights": "ema" if run.recipe.ema else "model", "best_dir": "best",
             "num_classes": sp.num_classes, "label_names": sp.label_names, "samples": sp.sizes(),
             "label_noise": sp.noise, "device": str(run.proc.device), "world_size": run.proc.world,
@@ -507,6 +509,12 @@ def _checkpoint(run: Run, epoch: int, improved: bool, judged: HeadTree, t0: floa
     summary = _summary(run, finished=epoch + 1 == run.recipe.epochs, wall=time.time() - t0)
     if improved:
         run.dir.save_best(judged, summary)
+    if run.recipe.checkpoint_hist > 1:  # this epoch among the N best by its best head's validation top-1
+        val = run.history[epoch]["val"]["heads"]
+        head = max(range(len(val)), key=lambda h: val[h]["top1"])
+        mine = {"epoch": epoch + 1, "head": head, "val_top1": val[head]["top1"]}
+        run.dir.save_history(judged, _summary(run, summary["finished"], time.time() - t0, mine),
+                             keep=run.recipe.checkpoint_hist)
     state = {"epoch": epoch + 1, "epochs": run.recipe.epochs, **_optim_state(run), "rng": rngs,
              "history": run.history, "best": run.best, "wall_time_s": time.time() - t0}
     run.dir.save_last(run.tree, state, run.ema.module if run.ema is not None else None,

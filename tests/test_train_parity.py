@@ -230,3 +230,17 @@ def test_grad_checkpointing_gives_the_same_gradients():
     assert plain.keys() == ckpt.keys() and len(plain) > 10
     for n in plain:
         torch.testing.assert_close(plain[n], ckpt[n], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_history_keeps_the_best_epochs(folder, tmp_path):  # noqa: F811
+    out = tmp_path / "r"
+    T.train(_recipe(folder, "epochs=4", "checkpoint_hist=2"), output=str(out), log=_quiet)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    score = [max(h["top1"] for h in r["val"]["heads"]) for r in rows]
+    want = sorted(range(1, 5), key=lambda e: (-score[e - 1], e))[:2]
+    kept = sorted(int(d.name[6:]) for d in (out / "history").iterdir())
+    assert kept == sorted(want)
+    for e in kept:
+        rec = json.loads((out / "history" / f"epoch-{e:03d}" / "record.json").read_text())
+        assert rec["best_epoch"] == e and rec["heads"][rec["best_head"]]["val_top1"] == score[e - 1]
+        assert (out / "history" / f"epoch-{e:03d}" / "tree.safetensors").is_file()
