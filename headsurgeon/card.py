@@ -1,15 +1,21 @@
 """The model card (``README.md``) that ``collapse`` writes beside ``config.json`` and ``model.safetensors``.
 
-The front matter is what the Hub and timm expect (``library_name: timm``, ``pipeline_tag``,
-``tags``, ``license``, ``datasets``) plus a ``headsurgeon`` block that records the sha256 of the
-exported files. That block is the proof that a folder came from ``collapse``: ``push`` refuses a
+The front matter is built with huggingface_hub's ``ModelCardData``: what the Hub and timm expect
+(``library_name: timm``, ``pipeline_tag``, ``tags``, ``license``, ``datasets``, ``metrics``,
+``base_model`` for a run that started from pretrained weights) and a ``model-index`` of
+``EvalResult``s (test top-1 and top-5 of this head; of the ensemble and of a single-model
+baseline where known, named as not this model), which the Hub shows as evaluation results and
+``ModelCard.load(...).data.eval_results`` reads back; plus a ``headsurgeon`` block that records
+the sha256 of the exported files. That block is the proof that a folder came from ``collapse``: ``push`` refuses a
 folder whose block is missing or whose files no longer match it. It lives in the card rather than
 in ``config.json`` because ``config.json`` is timm's file (written by ``save_for_hf``), while the
 card is ours; the prose of the card may be edited freely without breaking the proof.
 
 The card cannot know the Hub repo at collapse time, so its usage code names
 :data:`REPO_PLACEHOLDER`; ``push`` fills in the repo id (:func:`for_repo`).
-Only yaml and the standard library are used here: building a card needs no model.
+Building a card needs no model (yaml, huggingface_hub and the standard library). For a run
+directory the accuracies come from ``best/record.json`` (written with the ``best/`` weights, so it
+describes exactly them) when present, else from ``summary.json`` (:func:`read_run`).
 """
 from __future__ import annotations
 
@@ -46,7 +52,17 @@ _HUB_DATASETS = {
     "torch/cifar100": "uoft-cs/cifar100",
     "torch/mnist": "ylecun/mnist",
     "torch/fashion_mnist": "zalando-datasets/fashion_mnist",
+    "fashion-mnist": "zalando-datasets/fashion_mnist",
 }
+# dataset names in recipes -> how the card and the Hub's evaluation results name them
+_DATASET_NAMES = {"digits": "scikit-learn digits", "fashion-mnist": "Fashion-MNIST", "torch/cifar10": "CIFAR-10",
+                  "torch/cifar100": "CIFAR-100", "torch/mnist": "MNIST", "torch/fashion_mnist": "Fashion-MNIST"}
+OBJECTIVES = {"cl": "collaborative learning (Song & Chai, NeurIPS 2018)",
+              "dml": "Deep Mutual Learning (Zhang et al., CVPR 2018)",
+              "one": "On-the-fly Native Ensemble (Lan et al., NeurIPS 2018)",
+              "kdcl": "KDCL-MinLogit (Guo et al., CVPR 2020)",
+              "pcl": "Peer Collaborative Learning (Wu & Gong, AAAI 2021)"}
+TASK = "image-classification"
 
 
 def read_front_matter(text: str) -> dict[str, Any] | None:
@@ -93,7 +109,7 @@ def _code(v: Any) -> str:
 def build_card(spec: SplitSpec, head: int, *, summary: Mapping[str, Any] | None = None,
                recipe: Mapping[str, Any] | None = None, label_names: Sequence[str] | None = None,
                head_reason: str | None = None, files: Mapping[str, str] | None = None,
-               num_params: int | None = None) -> str:
+               num_params: int | None = None, baseline: Mapping[str, Any] | None = None) -> str:
     """Model card text for head ``head`` of the tree described by ``spec``.
 
     Args:
@@ -105,6 +121,8 @@ def build_card(spec: SplitSpec, head: int, *, summary: Mapping[str, Any] | None 
         head_reason: overrides the sentence that says why this head was chosen.
         files: the exported file names and their sha256 (the proof ``push`` checks).
         num_params: parameter count of the collapsed model.
+        baseline: the ``summary.json`` of a single model trained with the same budget (e.g. the
+            demo's), shown beside this head and in the evaluation results as not this model.
     """
     r = flatten(dict(recipe), "recipe") if recipe else {}
     arch = spec.architecture
@@ -120,24 +138,19 @@ def build_card(spec: SplitSpec, head: int, *, summary: Mapping[str, Any] | None 
     if r.get("pretrained") and spec.pretrained_cfg.get("license"):
         license_ = spec.pretrained_cfg["license"]
 
-    front: dict[str, Any] = {
-        "library_name": "timm",
-        "license": license_,
-        "pipeline_tag": "image-classification",
-        "tags": ["image-classification", "timm", "headsurgeon", "collaborative-learning"],
-    }
-    if hub_ds:
-        front["datasets"] = [hub_ds]
-    front[MARKER] = {
-        "version": __version__,
-        "architecture": arch,
-        "head": int(head),
-        "heads": spec.heads,
-        "trained": summary is not None,
-        "files": dict(files or {}),
-    }
+    from huggingface_hub import ModelCardData
 
-    lines: list[str] = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", ""]
+    base_model = spec.pretrained_cfg.get("hf_hub_id") if r.get("pretrained") else None
+    block = {"version": __version__, "architecture": arch, "head": int(head), "heads": spec.heads,
+             "trained": summary is not None, "files": dict(files or {})}
+    data = ModelCardData(
+        library_name="timm", license=license_, pipeline_tag=TASK,
+        tags=[TASK, "timm", "headsurgeon", "collaborative-learning"],
+        datasets=[hub_ds] if hub_ds else None, metrics=["accuracy"] if summary is not None else None,
+        base_model=base_model, model_name=REPO_PLACEHOLDER,
+        eval_results=eval_results(summary, head, r, baseline) if summary is not None else None,
+        **{MARKER: block})
+    lines: list[str] = ["---", data.to_yaml(), "---", ""]
     add = lines.append
     add(f"# {arch} — head {head} of a collaboratively trained head tree" if summary is not None
         else f"# {arch} — head {head} of a headsurgeon head tree")
@@ -180,11 +193,17 @@ def build_card(spec: SplitSpec, head: int, *, summary: Mapping[str, Any] | None 
         + (f", seed {spec.seed}" if spec.seed is not None else "") + ".")
     add("  A split point is the first module each branch owns; every head is a complete "
         f"`{arch}` that shares the layers before its split points with its siblings.")
-    if r:
+    objective = (summary or {}).get("objective")
+    if isinstance(objective, Mapping) and objective.get("name"):
+        name = objective["name"]
+        params = ", ".join(f"{k} = {v}" for k, v in objective.items() if k != "name")
+        add(f"- **Objective:** `{name}`, {OBJECTIVES.get(name, name)}" + (f"; {params}" if params else "") + ".")
+    elif r:
         add(f"- **Loss:** collaborative learning, β = {r.get('loss.beta')} (weight of the hard-label term), "
             f"T = {r.get('loss.temperature')} (soft-target temperature)"
             + (", soft term × T²" if r.get("loss.t2") else "")
             + (f", label smoothing {r['loss.label_smoothing']}" if r.get("loss.label_smoothing") else "") + ".")
+    if r:
         noise = r.get("data.label_noise", 0.0)
         add(f"- **Data:** `{dataset}`" + (f" at {r['data.img_size']}px" if r.get("data.img_size") else "")
             + f"; label noise {noise:g}" + (f" (seed {r.get('data.noise_seed')})" if noise else "")
@@ -200,7 +219,7 @@ def build_card(spec: SplitSpec, head: int, *, summary: Mapping[str, Any] | None 
         add("- **Recipe:** not recorded with this run.")
     if summary is not None:
         add("")
-        add(_results(summary, head, head_reason))
+        add(_results(summary, head, head_reason, baseline))
     elif head_reason:
         add(f"- **Head:** {head_reason}")
     if r:
@@ -221,7 +240,7 @@ def build_card(spec: SplitSpec, head: int, *, summary: Mapping[str, Any] | None 
     add("import torch")
     add("")
     add(f'model = timm.create_model("hf-hub:{REPO_PLACEHOLDER}", pretrained=True).eval()')
-    add("config = timm.data.resolve_data_config({}, model=model)")
+    add("config = timm.data.resolve_data_config(model=model)  # the preprocessing the model was evaluated with")
     add("transform = timm.data.create_transform(**config)")
     add("with torch.no_grad():")
     add("    probabilities = model(transform(image).unsqueeze(0)).softmax(-1)  # image: a PIL image")
@@ -247,26 +266,89 @@ def _samples(samples: Mapping[str, int]) -> str:
     return ", ".join(f"{v:,} {k}" for k, v in samples.items())
 
 
-def _results(summary: Mapping[str, Any], head: int, reason: str | None) -> str:
+def dataset_label(recipe: Mapping[str, Any]) -> tuple[str, str, str]:
+    """``(type, name, split)`` of the test split as the Hub's evaluation results name them: the Hub
+    dataset id where known (else the recipe's name), a readable name, and the split."""
+    r = recipe if any("." in k for k in recipe) else flatten(dict(recipe), "recipe")
+    dataset = r.get("data.dataset") or "unknown"
+    kind = hub_dataset(dataset) or dataset
+    name = _DATASET_NAMES.get(dataset, dataset)
+    if r.get("data.folds"):
+        split = f"test (fold {r.get('data.fold', 0)} of {r['data.folds']})"
+    elif dataset.startswith(("hfds/", "hfids/")):  # the Hub dataset's own split name
+        split = r.get("data.test_split") or "test"
+    else:
+        split = "test"
+    noise = r.get("data.label_noise") or 0
+    if noise:
+        name += f", {noise:.0%} symmetric label noise on train"
+    return kind, name, split
+
+
+def eval_results(summary: Mapping[str, Any], head: int, recipe: Mapping[str, Any] | None = None,
+                 baseline: Mapping[str, Any] | None = None) -> list[Any] | None:
+    """huggingface_hub ``EvalResult``s of the test split: top-1 and top-5 of head ``head``, then of
+    the ensemble and of ``baseline`` (a single model's summary), whose names say they are not this model."""
+    from huggingface_hub import EvalResult
+
+    kind, name, split = dataset_label(recipe or {})
+    heads = {h.get("index"): h for h in summary.get("heads", [])}
+    who = [("", heads.get(head) or {})]
+    if summary.get("ensemble") and len(heads) > 1:
+        who.append((f", ensemble of all {len(heads)} heads (mean logits; not this model)", summary["ensemble"]))
+    if baseline and baseline.get("heads"):
+        who.append((", single model trained with the same budget (baseline; not this model)", baseline["heads"][0]))
+    out = []
+    for suffix, accs in who:
+        for k, label in (("test_top1", "Top-1"), ("test_top5", "Top-5")):
+            if isinstance(accs.get(k), (int, float)):
+                out.append(EvalResult(task_type=TASK, task_name="Image Classification", dataset_type=kind,
+                                      dataset_name=name, dataset_split=split, metric_type="accuracy",
+                                      metric_value=round(float(accs[k]), 2), metric_name=f"{label} accuracy (%){suffix}",
+                                      metric_config=k.split("_")[1] + ("" if not suffix else
+                                                                       "-ensemble" if "ensemble" in suffix else "-baseline")))
+    return out or None
+
+
+def binomial_se(pct: float, n: int) -> float:
+    """Standard error (percentage points) of an accuracy of ``pct`` % measured on ``n`` images."""
+    p = min(max(pct / 100, 0.0), 1.0)
+    return 100 * (p * (1 - p) / n) ** 0.5 if n > 0 else float("nan")
+
+
+def _results(summary: Mapping[str, Any], head: int, reason: str | None,
+             baseline: Mapping[str, Any] | None = None) -> str:
     best = summary.get("best_head")
     epoch = summary.get("best_epoch")
+    n = (summary.get("samples") or {}).get("test")
+    heads = summary.get("heads", [])
+    top5 = any("test_top5" in h for h in heads)
     rows = ["## Results", "",
-            f"Top-1 accuracy of every head of the tree at the best epoch ({epoch}"
+            f"Accuracy of every head of the tree at the best epoch ({epoch}"
             f"{' of ' + str(summary['epochs']) if summary.get('epochs') else ''}); validation is held out from the "
-            f"training split, test is the dataset's held-out split.", "",
-            "| head | validation top-1 | test top-1 |", "|---|---|---|"]
-    for h in summary.get("heads", []):
+            f"training split, test is the dataset's held-out split"
+            + (f" ({n:,} images: one image is {100 / n:.2f} pp, and the standard error of an accuracy near "
+               f"{heads[0].get('test_top1', 90):.0f} % is about {binomial_se(heads[0].get('test_top1', 90), n):.1f} pp)"
+               if n and heads else "") + ".", "",
+            "| model | validation top-1 | test top-1 |" + (" test top-5 |" if top5 else ""),
+            "|---|---|---|" + ("---|" if top5 else "")]
+
+    def row(name: str, m: Mapping[str, Any]) -> str:
+        return (f"| {name} | {_pct(m.get('val_top1'))} | {_pct(m.get('test_top1'))} |"
+                + (f" {_pct(m.get('test_top5'))} |" if top5 else ""))
+
+    for h in heads:
         i = h.get("index")
-        name = f"**{i} (this model)**" if i == head else str(i)
-        rows.append(f"| {name} | {_pct(h.get('val_top1'))} | {_pct(h.get('test_top1'))} |")
+        rows.append(row(f"**head {i} (this model)**" if i == head else f"head {i}", h))
     ens = summary.get("ensemble") or {}
     if ens:
-        rows.append(f"| ensemble of all heads (mean logits; not this model) | {_pct(ens.get('val_top1'))} | "
-                    f"{_pct(ens.get('test_top1'))} |")
+        rows.append(row("ensemble of all heads (mean logits; not this model)", ens))
+    if baseline and baseline.get("heads"):
+        rows.append(row("single model, same budget (baseline; not this model)", baseline["heads"][0]))
     rows.append("")
     if reason is None:
         if head == best:
-            reason = (f"head {head} has the highest validation top-1 of the {len(summary.get('heads', []))} heads at "
+            reason = (f"head {head} has the highest validation top-1 of the {len(heads)} heads at "
                       f"the best epoch; test accuracy played no part in the choice.")
         else:
             reason = f"head {head} was chosen by hand (`--head {head}`); the run's best head by validation is {best}."
@@ -288,10 +370,35 @@ def card_writer(spec: SplitSpec, head: int, **kwargs: Any) -> Callable[[Path], s
     return write
 
 
+# what best/record.json says about the weights in best/ (it wins over summary.json for these)
+RECORD_KEYS = ("best_epoch", "best_head", "heads", "ensemble", "objective", "weights", "num_classes", "label_names",
+               "samples", "label_noise")
+
+
 def read_run(directory: str | Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """A training run directory's ``summary.json`` and ``recipe.yaml`` (None for what is absent,
-    e.g. both for a plain tree directory)."""
+    """A training run directory's summary and ``recipe.yaml`` (None for what is absent, e.g. both
+    for a plain tree directory). The accuracies, best epoch and head come from ``best/record.json``
+    when present (written in one atomic step with the ``best/`` weights, so it describes exactly
+    those weights), the run's progress (``finished``, ``epochs_done``) from ``summary.json``."""
+    from .rundir import RunDir
+
     d = Path(directory)
-    summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else None
+    summary, record = RunDir(d).summary(), RunDir(d).best_record()
+    if record is not None:
+        summary = {**(summary or record), **{k: record[k] for k in RECORD_KEYS if k in record}}
     recipe = yaml.safe_load((d / "recipe.yaml").read_text()) if (d / "recipe.yaml").is_file() else None
     return summary, recipe if isinstance(recipe, dict) else None
+
+
+def run_card(run_dir: str | Path, head: int, directory: str | Path, *, baseline: Mapping[str, Any] | None = None,
+             num_params: int | None = None) -> str:
+    """The card of head ``head`` of training run ``run_dir`` for the export in ``directory`` (its
+    files' sha256), e.g. to add a baseline to the card ``collapse`` wrote."""
+    from .tree import SplitSpec
+
+    summary, recipe = read_run(run_dir)
+    best = Path(run_dir) / ((summary or {}).get("best_dir") or "best")
+    spec = SplitSpec.from_json((best / "spec.json").read_text())
+    files = {name: sha256_file(Path(directory) / name) for name in VERIFIED_FILES}
+    return build_card(spec, head, summary=summary, recipe=recipe, label_names=(summary or {}).get("label_names"),
+                      files=files, num_params=num_params, baseline=baseline)

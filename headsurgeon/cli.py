@@ -171,28 +171,32 @@ def collapse_cmd(source: str | None, head: int | None, output: str | None, overw
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--repo", "repo_id", required=True, metavar="NAMESPACE/NAME", help="Hub model repo to create or update, e.g. your-user/resnet18-cl.")
 @click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
-@click.option("--revision", default=None, metavar="BRANCH", help="Branch to commit to (created from main if missing; default main).")
+@click.option("--revision", default=None, metavar="BRANCH", help="Branch to commit to (created from main if missing; default main), or refs/pr/N to add to an open pull request.")
 @click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
 @click.option("--commit-message", default=None, help="Commit message (default: 'Upload model collapsed by headsurgeon').")
-@click.option("--dry-run", is_flag=True, help="List what would be uploaded and show the card; contact nothing.")
+@click.option("--validate", is_flag=True, help="Ask the Hub to validate the card's metadata first (POST /api/validate-yaml; "
+              "skipped, with a line saying so, when offline). With --dry-run it is the only call made.")
+@click.option("--dry-run", is_flag=True, help="Make every check the push makes, list what would be uploaded and show "
+              "the card; contact nothing (except the card check of --validate).")
 @click.option("--force", is_flag=True, help="Push a folder that is not a verified `headsurgeon collapse` output.")
 @_one_line_errors
 def push_cmd(folder: str, repo_id: str, private: bool, revision: str | None, create_pr: bool,
-             commit_message: str | None, dry_run: bool, force: bool) -> None:
+             commit_message: str | None, validate: bool, dry_run: bool, force: bool) -> None:
     """Upload FOLDER (written by `headsurgeon collapse`: config.json, model.safetensors, README.md)
-    to the Hugging Face Hub as model repo --repo. The token comes from HF_TOKEN or `hf auth login`
-    and is never printed; the card's usage code is filled in with the repo id."""
-    from .hub import describe, plan, push
+    to the Hugging Face Hub as model repo --repo, in one commit. The token comes from HF_TOKEN or
+    `hf auth login` and is never printed; the card's usage code and model-index name the repo."""
+    from .hub import DEFAULT_MESSAGE, describe, plan, push, validate_card
 
-    p = plan(folder, repo_id, force=force)
+    p = plan(folder, repo_id, force=force, revision=revision, create_pr=create_pr)
     if not p.verified:
         click.secho(f"warning: pushing an unverified folder because of --force ({p.problem})", fg="yellow", err=True)
+    if validate:
+        validate_card(p, log=click.echo)
     if dry_run:
         click.echo(f"dry run: nothing is uploaded. `headsurgeon push` would send to {repo_id}"
-                   f" ({'private' if private else 'public'} if created; "
-                   f"{'a pull request against main' if create_pr else 'branch ' + (revision or 'main')}):")
+                   f" ({'private' if private else 'public'} if created; {p.target}):")
         click.echo(describe(p))
-        click.echo(f"commit message: {commit_message or 'Upload model collapsed by headsurgeon'}")
+        click.echo(f"commit message: {commit_message or DEFAULT_MESSAGE}")
         from huggingface_hub import get_token
 
         click.echo("token: " + ("found (not shown)" if get_token() else "none found; set HF_TOKEN or run `hf auth login`"))
@@ -200,8 +204,7 @@ def push_cmd(folder: str, repo_id: str, private: bool, revision: str | None, cre
         if p.card:
             click.echo(p.card, nl=False)
         return
-    done = push(p, private=private, revision=revision, create_pr=create_pr, commit_message=commit_message,
-                log=click.echo)
+    done = push(p, private=private, commit_message=commit_message, log=click.echo)
     click.echo(f"pushed to {done.repo_url}" + (f": pull request {done.pr_url}" if done.pr_url else "")
                + f" (commit {done.commit_url})")
     click.echo(f'load it with: timm.create_model("hf-hub:{repo_id}", pretrained=True)')

@@ -1,8 +1,12 @@
 """Push a collapsed model folder to the Hugging Face Hub with huggingface_hub.
 
-``create_repo(exist_ok=True)`` then ``upload_folder`` (huggingface_hub picks the regular, LFS or
-Xet transfer per file). Before any network call the folder is checked to be what ``collapse``
-wrote (its card's sha256 of ``config.json`` and ``model.safetensors`` still match), unless forced.
+``create_repo(exist_ok=True)`` (and ``create_branch`` for a new ``--revision``), then one
+``create_commit`` of ``CommitOperationAdd``s: every file from the folder as it is on disk, and the
+card from memory, as it reads under the repo (huggingface_hub picks the regular, LFS or Xet
+transfer per file). Before any network call the folder is checked to be what ``collapse`` wrote
+(its card's sha256 of ``config.json`` and ``model.safetensors`` still match), unless forced, and
+the repo id and revision are checked: :func:`plan` does every local check, so ``--dry-run`` refuses
+exactly what the real push would refuse before contacting the Hub.
 The token comes from ``huggingface_hub.get_token()`` (``HF_TOKEN`` or the saved login) and is only
 ever handed to huggingface_hub: it is never printed, logged or written, and it is scrubbed from
 any error text. Every failure is a one-line :class:`HeadsurgeonError`.
@@ -11,8 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,6 +39,18 @@ class Plan:
     verified: bool
     problem: str | None = None
     notes: list[str] = field(default_factory=list)
+    revision: str | None = None  # None: main
+    create_pr: bool = False
+
+    @property
+    def target(self) -> str:
+        """Where the commit goes, in words."""
+        if self.create_pr:
+            return "a new pull request against main"
+        if self.revision and self.revision.startswith("refs/pr/"):
+            return f"pull request #{self.revision.rsplit('/', 1)[1]} ({self.revision})"
+        return f"branch {self.revision or 'main'}" + (" (created from main if missing)" if self.revision not in
+                                                      (None, "main") else "")
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -49,6 +64,42 @@ def check_repo_id(repo_id: str) -> None:
         raise HeadsurgeonError(f"invalid repo id '{repo_id}': {str(e).splitlines()[0]}") from None
     if "/" not in repo_id:
         raise HeadsurgeonError(f"invalid repo id '{repo_id}': give it as NAMESPACE/NAME (e.g. your-user/{repo_id})")
+
+
+_PR_REF = re.compile(r"refs/pr/[1-9][0-9]*")
+
+
+def check_revision(revision: str | None, create_pr: bool = False) -> None:
+    """``--revision``: a branch name git accepts (``git check-ref-format --branch``) or an open pull
+    request (``refs/pr/N``); not a commit sha (a commit needs a branch to go on); with ``--create-pr``
+    none but main (the Hub opens pull requests against main)."""
+    if revision is None:
+        return
+    bad = _ref_problem(revision)
+    if bad:
+        raise HeadsurgeonError(f"invalid --revision '{revision}': {bad}; give a branch name such as dev or v1.0")
+    if create_pr and revision != "main":
+        raise HeadsurgeonError(f"--create-pr opens a pull request against main; leave out --revision '{revision}' "
+                               f"(or push to the branch without --create-pr)")
+
+
+def _ref_problem(ref: str) -> str | None:
+    """Why git would refuse ``ref`` as a branch name (the rules of ``git check-ref-format``), else None."""
+    if ref.startswith("refs/"):
+        return None if _PR_REF.fullmatch(ref) else "the only refs/ revisions are pull requests, refs/pr/N"
+    if re.fullmatch(r"[0-9a-f]{40}", ref):
+        return "that is a commit sha; a push needs a branch to commit to"
+    if not ref or ref == "@":
+        return "it is empty" if not ref else "'@' is not a branch name"
+    if any(ord(c) < 32 or ord(c) == 127 or c in " ~^:?*[\\" for c in ref):
+        return "git branch names cannot contain spaces, control characters or any of ~ ^ : ? * [ \\"
+    if ".." in ref or "@{" in ref or "//" in ref:
+        return "git branch names cannot contain '..', '@{' or '//'"
+    if ref.startswith(("-", "/")) or ref.endswith(("/", ".")):
+        return "git branch names cannot start with '-' or '/' nor end with '/' or '.'"
+    if any(part.startswith(".") or part.endswith(".lock") for part in ref.split("/")):
+        return "no part of a git branch name may start with '.' or end with '.lock'"
+    return None
 
 
 def _list_files(folder: Path) -> list[str]:
@@ -85,9 +136,12 @@ def verify(folder: Path) -> str | None:
     return None
 
 
-def plan(folder: str | os.PathLike, repo_id: str, force: bool = False) -> Plan:
-    """Check the repo id and the folder; raises unless the folder is verified or ``force``."""
+def plan(folder: str | os.PathLike, repo_id: str, force: bool = False, revision: str | None = None,
+         create_pr: bool = False) -> Plan:
+    """Every check a push makes before it contacts the Hub (the repo id, the revision, the folder);
+    raises unless the folder is verified or ``force``. ``--dry-run`` stops after this."""
     check_repo_id(repo_id)
+    check_revision(revision, create_pr)
     folder = Path(folder)
     if not folder.is_dir():
         raise HeadsurgeonError(f"'{folder}' is not a directory; give the output of `headsurgeon collapse`")
@@ -102,23 +156,64 @@ def plan(folder: str | os.PathLike, repo_id: str, force: bool = False) -> Plan:
     if (folder / CARD_FILE).is_file():
         card = for_repo((folder / CARD_FILE).read_text(encoding="utf-8"), repo_id)
     sizes = {f: (folder / f).stat().st_size for f in files}
-    return Plan(folder, repo_id, files, sizes, card, verified=problem is None, problem=problem)
+    return Plan(folder, repo_id, files, sizes, card, verified=problem is None, problem=problem,
+                revision=None if revision in (None, "main") else revision, create_pr=create_pr)
 
 
-def _stage(p: Plan, into: Path) -> Path:
-    """A copy of the folder (hard links where possible) with the card naming the repo."""
-    stage = into / "upload"
-    for rel in p.files:
-        src, dst = p.folder / rel, stage / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if rel == CARD_FILE and p.card is not None:
-            dst.write_bytes(p.card.encode("utf-8"))
-            continue
+def operations(p: Plan) -> list:
+    """One ``CommitOperationAdd`` per file: the folder's files as they are on disk (byte-identical),
+    the card from memory as it reads under the repo."""
+    from huggingface_hub import CommitOperationAdd
+
+    return [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=p.card.encode("utf-8"))
+            if rel == CARD_FILE and p.card is not None else
+            CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(p.folder / rel)) for rel in p.files]
+
+
+def validate_card(p: Plan, log: Callable[[str], None] = print) -> bool:
+    """Ask the Hub to validate the card's metadata (``POST /api/validate-yaml``, the check behind
+    ``ModelCard.validate``, which would send the card re-serialised from its parsed data; this sends
+    the exact text that will be pushed). True if the Hub passed it, printing its warnings; False, with
+    one line saying why, where it was not asked (no card, ``HF_HUB_OFFLINE``, the Hub unreachable);
+    a card the Hub rejects raises, with the Hub's reasons."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    if p.card is None:
+        log("card metadata not validated: the folder has no README.md")
+        return False
+    if constants.HF_HUB_OFFLINE:
+        log("card metadata not validated: offline (HF_HUB_OFFLINE is set); unset it to let the Hub check the card")
+        return False
+    endpoint = constants.ENDPOINT
+    token = None
+    try:
+        from huggingface_hub import get_token
+
+        token = get_token()
+        response = get_session().post(f"{endpoint}/api/validate-yaml", json={"content": p.card, "repoType": "model"},
+                                      headers=build_hf_headers(token=token or False))
         try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-    return stage
+            body = response.json()
+        except ValueError:
+            body = {}
+        if response.status_code == 400:
+            reasons = "; ".join(str(e.get("message", e)) for e in body.get("errors", [])) or response.text[:200]
+            raise HeadsurgeonError(f"the Hub rejected the card's metadata: {' '.join(reasons.split())}")
+        hf_raise_for_status(response)
+    except HeadsurgeonError:
+        raise
+    except Exception as e:
+        if isinstance(e, _transport_errors()):
+            log(f"card metadata not validated: cannot reach the Hub at {endpoint} ({type(e).__name__}: {_first_line(e)})")
+            return False
+        message = _explain(e, endpoint, p.repo_id, p.revision) or f"{type(e).__name__}: {_first_line(e)}"
+        raise HeadsurgeonError(f"card validation failed: {message}".replace(token, "***") if token else
+                               f"card validation failed: {message}") from None
+    for w in (body.get("warnings") or []) if isinstance(body, dict) else []:
+        log(f"card metadata warning from the Hub: {w.get('message', w) if isinstance(w, dict) else w}")
+    log(f"card metadata: valid (checked by the Hub at {endpoint})")
+    return True
 
 
 @dataclass
@@ -128,28 +223,23 @@ class Pushed:
     pr_url: str | None
 
 
-def push(p: Plan, *, private: bool = False, revision: str | None = None, create_pr: bool = False,
-         commit_message: str | None = None, log: Callable[[str], None] = print) -> Pushed:
-    """Create the repo if needed and upload the planned files in one commit."""
-    from huggingface_hub import HfApi, constants, get_token
+def push(p: Plan, *, private: bool = False, commit_message: str | None = None,
+         log: Callable[[str], None] = print) -> Pushed:
+    """Create the repo if needed (and the branch of ``p.revision``) and commit the planned files in one commit."""
+    from huggingface_hub import HfApi, get_token
 
-    if create_pr and revision not in (None, constants.DEFAULT_REVISION):
-        raise HeadsurgeonError("--create-pr opens a pull request against main; leave out --revision")
     token = get_token()
     if not token:
         raise HeadsurgeonError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access)")
     api = HfApi()
-    with _scrubbed(token, api.endpoint, p.repo_id, revision):
+    with _scrubbed(token, api.endpoint, p.repo_id, p.revision):
         url = api.create_repo(p.repo_id, token=token, private=private, exist_ok=True)
         repo_id = getattr(url, "repo_id", None) or p.repo_id
-        if revision and revision != constants.DEFAULT_REVISION:
-            api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="headsurgeon-push-") as tmp:
-            stage = _stage(p, Path(tmp))
-            log(f"uploading {len(p.files)} files ({human(sum(p.sizes.values()), 'B')}) to {repo_id}")
-            info = api.upload_folder(repo_id=repo_id, folder_path=stage, token=token, revision=revision,
-                                     create_pr=create_pr, commit_message=commit_message or DEFAULT_MESSAGE,
-                                     allow_patterns=p.files)
+        if p.revision and not p.revision.startswith("refs/pr/"):
+            api.create_branch(repo_id, branch=p.revision, token=token, exist_ok=True)
+        log(f"uploading {len(p.files)} files ({human(sum(p.sizes.values()), 'B')}) to {repo_id}, {p.target}")
+        info = api.create_commit(repo_id=repo_id, operations=operations(p), token=token, revision=p.revision,
+                                 create_pr=p.create_pr, commit_message=commit_message or DEFAULT_MESSAGE)
     return Pushed(str(url), str(info.commit_url), getattr(info, "pr_url", None))
 
 
@@ -192,6 +282,9 @@ def _explain(exc: BaseException, endpoint: str, repo_id: str, revision: str | No
 
     if isinstance(exc, HFValidationError):
         return f"invalid repo id '{repo_id}': {_first_line(exc)}"
+    if isinstance(exc, ValueError) and str(exc).startswith("Invalid metadata in README.md"):  # create_commit's check
+        reasons = "; ".join(ln.strip("- ").strip() for ln in str(exc).splitlines()[1:] if ln.strip())
+        return f"the Hub rejected the card's metadata: {reasons or _first_line(exc)}"
     if isinstance(exc, HfHubHTTPError):
         response = getattr(exc, "response", None)
         status = getattr(response, "status_code", None)

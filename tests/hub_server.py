@@ -1,8 +1,9 @@
 """A test double of the Hugging Face Hub's HTTP API, on 127.0.0.1, for offline push tests.
 
 It is **not** a Hub: it implements only the calls ``huggingface_hub`` makes for
-``create_repo(exist_ok=True)``, ``create_branch``, ``upload_folder`` (preupload, the git-LFS batch
-API with its upload and verify actions, and the NDJSON commit) and for downloads
+``create_repo(exist_ok=True)``, ``create_branch``, ``create_commit``/``upload_folder`` (the card's
+``validate-yaml`` check with a few of the Hub's metadata rules, preupload, the git-LFS batch API with
+its upload and verify actions, and the NDJSON commit) and for downloads
 (``HEAD``/``GET /{repo}/resolve/{revision}/{path}``), answering with the status codes, JSON and
 headers (``X-Error-Code``, ``X-Repo-Commit``, ``ETag``) that the client reads to tell success from
 each kind of failure. What arrives is stored in memory, so tests can compare it byte for byte.
@@ -100,6 +101,34 @@ class FakeHub:
         repo = self.repos[repo_id] = Repo(repo_id, private)
         repo.refs["main"].update(files or {})
         return repo
+
+
+def _metadata_problem(meta: dict[str, Any]) -> str | None:
+    """A few of the Hub's model-card metadata rules: the types of the common keys and the shape of
+    ``model-index`` (what the Hub needs to show evaluation results)."""
+    for key in ("license", "library_name", "pipeline_tag", "base_model"):
+        if key in meta and not isinstance(meta[key], (str, list)):
+            return f'"{key}" must be a string'
+    for key in ("tags", "datasets", "metrics"):
+        if key in meta and not (isinstance(meta[key], list) and all(isinstance(v, str) for v in meta[key])):
+            return f'"{key}" must be an array of strings'
+    index = meta.get("model-index")
+    if index is None:
+        return None
+    if not isinstance(index, list):
+        return '"model-index" must be an array'
+    for entry in index:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(entry.get("results"), list):
+            return '"model-index[]" needs a "name" and an array of "results"'
+        for r in entry["results"]:
+            if not isinstance(r.get("task", {}).get("type"), str):
+                return '"model-index[].results[].task.type" is required'
+            if not all(isinstance(r.get("dataset", {}).get(k), str) for k in ("name", "type")):
+                return '"model-index[].results[].dataset" needs "name" and "type"'
+            if not r.get("metrics") or not all(isinstance(m, dict) and isinstance(m.get("type"), str) and "value" in m
+                                               for m in r["metrics"]):
+                return '"model-index[].results[].metrics[]" needs "type" and "value"'
+    return None
 
 
 class _Reply(Exception):
@@ -231,6 +260,9 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _Reply(400, {"errors": [{"message": f"invalid YAML: {e}"}], "warnings": []})
             if front and not isinstance(meta, dict):
                 raise _Reply(400, {"errors": [{"message": "metadata must be a mapping"}], "warnings": []})
+            problem = _metadata_problem(meta or {})
+            if problem:  # the Hub answers 400 with the reason as text (ModelCard.validate raises ValueError)
+                raise _Reply(400, {"errors": [{"message": problem}], "warnings": []})
             return {"errors": [], "warnings": []}
 
         if m := re.fullmatch(rf"/api/models/{_REPO}(?:/revision/(.+))?", path):

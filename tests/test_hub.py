@@ -70,6 +70,11 @@ def hub(collapsed, tmp_path_factory):
     unverified.mkdir()
     for name in ("config.json", "model.safetensors"):
         (unverified / name).write_bytes((folder / name).read_bytes())
+    bad_card = tmp / "bad-card"  # still a verified collapse output (the proof block is intact), bad metadata
+    bad_card.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bad_card / name).write_bytes((folder / name).read_bytes())
+    (bad_card / "README.md").write_text((folder / "README.md").read_text().replace("model-index:", "model-index: 3\nx:", 1))
     cases = {
         "push": (["--repo", "user/cl-model", "--commit-message", "first push"], TOKEN, None),
         "private_branch": (["--repo", "user/cl-dev", "--revision", "dev", "--private"], TOKEN, None),
@@ -80,6 +85,10 @@ def hub(collapsed, tmp_path_factory):
         "forbidden": (["--repo", "user/readonly"], READ_TOKEN, None),
         "refused": (["--repo", "user/cl-refused"], TOKEN, f"http://127.0.0.1:{_free_port()}"),
         "forced": (["--repo", "user/cl-forced", "--force"], TOKEN, unverified),
+        "validate": (["--repo", "user/cl-valid", "--validate"], TOKEN, None),
+        "validate_dry": (["--repo", "user/cl-dryval", "--validate", "--dry-run"], TOKEN, None),
+        "validate_rejected": (["--repo", "user/cl-rejected", "--validate"], TOKEN, bad_card),
+        "validate_offline": (["--repo", "user/cl-offline", "--validate", "--dry-run"], TOKEN, "offline"),
     }
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     torch.save(x, tmp / "x.pt")
@@ -88,9 +97,11 @@ def hub(collapsed, tmp_path_factory):
         procs = {}
         for name, (args, token, special) in cases.items():
             source = special if isinstance(special, Path) else folder
-            endpoint = special if isinstance(special, str) else server.url
-            procs[name] = subprocess.Popen([sys.executable, "-c", CLI, "push", str(source), *args],
-                                           env=_env(endpoint, tmp / f"home-{name}", token),
+            endpoint = special if isinstance(special, str) and special != "offline" else server.url
+            env = _env(endpoint, tmp / f"home-{name}", token)
+            if special == "offline":
+                env["HF_HUB_OFFLINE"] = "1"
+            procs[name] = subprocess.Popen([sys.executable, "-c", CLI, "push", str(source), *args], env=env,
                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         results = {"push": _finish(procs.pop("push"))}
         # load the pushed model back in a fresh process (HF_ENDPOINT is read at import), meanwhile the rest runs
@@ -146,6 +157,92 @@ def test_push_arrives_byte_identical(collapsed, hub):
     assert any(m == "PUT" and p.startswith("/lfs-upload/") for m, p, _ in hub.log)
     assert TOKEN in hub.auth_seen  # HF_TOKEN was what authenticated the push
     assert any(content == got["README.md"].decode() for content in hub.validated_yaml)
+
+
+def test_push_is_one_commit_whose_card_names_the_repo(collapsed, hub):
+    """create_commit with in-memory card: one commit, and the card's model-index (the Hub's evaluation
+    results) names the repo it is in."""
+    from huggingface_hub import ModelCard
+
+    repo = hub.repos["user/cl-model"]
+    assert len(repo.commits) == 1 and sorted(repo.commits[0]["modes"]) == ["README.md", "config.json",
+                                                                           "model.safetensors"]
+    card = ModelCard(hub.files("user/cl-model")["README.md"].decode())
+    results = card.data.eval_results
+    assert card.data.model_name == "user/cl-model" and results[0].metric_value == 55.5
+    assert results[0].metric_name == "Top-1 accuracy (%)" and results[0].dataset_type == "uoft-cs/cifar10"
+
+
+def test_validate_asks_the_hub_then_pushes(hub):
+    rc, out, err = hub.results["validate"]
+    assert rc == 0, err
+    assert "card metadata: valid (checked by the Hub at http://127.0.0.1:" in out
+    card = hub.files("user/cl-valid")["README.md"].decode()
+    assert hub.validated_yaml.count(card) == 2  # by --validate, then by create_commit itself
+
+
+def test_validate_with_dry_run_sends_only_the_card(hub):
+    rc, out, err = hub.results["validate_dry"]
+    assert rc == 0, err
+    assert "card metadata: valid" in out and "dry run: nothing is uploaded" in out
+    assert "user/cl-dryval" not in hub.repos
+    assert any('hf-hub:user/cl-dryval"' in c for c in hub.validated_yaml)
+
+
+def test_validate_refuses_a_card_the_hub_rejects(hub):
+    rc, out, err = hub.results["validate_rejected"]
+    assert rc == 1 and "Traceback" not in out + err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "the Hub rejected the card's metadata" in lines[0] and "model-index" in lines[0], err
+    assert "user/cl-rejected" not in hub.repos  # checked before the repo was created
+
+
+def test_validate_offline_is_skipped_with_a_line(hub):
+    rc, out, err = hub.results["validate_offline"]
+    assert rc == 0, err
+    assert "card metadata not validated: offline (HF_HUB_OFFLINE is set)" in out
+    assert not any('hf-hub:user/cl-offline"' in c for c in hub.validated_yaml)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--revision", "bad name"], "invalid --revision 'bad name': git branch names cannot contain spaces"),
+    (["--revision", "a..b"], "invalid --revision 'a..b'"),
+    (["--revision", "x.lock"], "invalid --revision 'x.lock'"),
+    (["--revision", "refs/heads/dev"], "refs/pr/N"),
+    (["--revision", "0123456789abcdef0123456789abcdef01234567"], "commit sha"),
+    (["--create-pr", "--revision", "dev"], "--create-pr opens a pull request against main; leave out --revision 'dev'"),
+])
+def test_dry_run_refuses_what_the_push_refuses(collapsed, monkeypatch, args, words):
+    """The same one line from --dry-run and from the real push, and the real push contacts nothing."""
+    import huggingface_hub
+
+    folder, _ = collapsed
+
+    class NoHub:
+        def __init__(self, *a, **k):
+            raise AssertionError("the push contacted the Hub before refusing its input")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", NoHub)
+    outs = []
+    for extra in (["--dry-run"], []):
+        r = _invoke(["push", str(folder), "--repo", "user/x", *args, *extra])
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+        assert words in r.output, r.output
+        outs.append(r.output)
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("args, target", [
+    (["--revision", "dev"], "branch dev (created from main if missing)"),
+    (["--revision", "main", "--create-pr"], "a new pull request against main"),
+    (["--revision", "refs/pr/2"], "pull request #2 (refs/pr/2)"),
+    (["--revision", "feature/v1.0"], "branch feature/v1.0"),
+])
+def test_dry_run_accepts_valid_revisions(collapsed, args, target):
+    folder, _ = collapsed
+    r = _invoke(["push", str(folder), "--repo", "user/x", "--dry-run", *args])
+    assert r.exit_code == 0, r.output
+    assert target in r.output.splitlines()[0]
 
 
 def test_pushed_model_loads_back_with_timm(collapsed, hub):
