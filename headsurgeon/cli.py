@@ -49,13 +49,28 @@ def _parse_kwargs(pairs: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def _int_list(value: str | None, what: str) -> list[int] | None:
+def _int_list(value: str | None, what: str, example: str = "2,2") -> list[int] | None:
     if value is None:
         return None
     try:
         return [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise HeadsurgeonError(f"{what} must be comma-separated integers, e.g. 2,2; got '{value}'") from None
+        raise HeadsurgeonError(f"{what} must be comma-separated integers, e.g. {example}; got '{value}'") from None
+
+
+def _input_size(value: str | None) -> list[int] | None:
+    """``--input-size C,H,W``: three positive integers (a zero or negative size fails deep inside torch)."""
+    size = _int_list(value, "--input-size", "3,224,224")
+    if size is not None and (len(size) != 3 or min(size) < 1):
+        raise HeadsurgeonError(f"--input-size must be three positive integers C,H,W, e.g. 3,224,224; got '{value}'")
+    return size
+
+
+def _num_classes(value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise HeadsurgeonError(f"--num-classes must be at least 1, got {value} (0 would leave the model without "
+                               f"a classifier)")
+    return value
 
 
 def _safe_name(model: str) -> str:
@@ -83,10 +98,11 @@ def nodes(model: str, all_paths: bool, num_classes: int | None, model_kwargs: tu
     from .points import split_points
 
     kwargs = _parse_kwargs(model_kwargs)
-    if num_classes is not None:
+    if _num_classes(num_classes) is not None:
         kwargs["num_classes"] = num_classes
+    given = _input_size(input_size)
     m = create(model, kwargs)
-    size = _int_list(input_size, "--input-size") or list(default_input_size(m))
+    size = given or list(default_input_size(m))
     points, params, flops = split_points(m, size, all_paths=all_paths)
     click.echo(f"{model}: {human(params)} parameters, {human(flops)} FLOPs per image at {'x'.join(map(str, size))}")
     click.echo(f"{'split point':<34} {'output shape':<22} {'branch params':>14} {'branch FLOPs':>13}")
@@ -122,22 +138,24 @@ def split_cmd(model: str, at: str, heads: int, fanout: str | None, num_classes: 
               branch_init: str | None, pretrained: bool, weights: str | None, model_kwargs: tuple[str, ...],
               seed: int | None, input_size: str | None, output: str | None, overwrite: bool) -> None:
     """Split MODEL into a tree of heads and write it to a directory (spec.json + tree.safetensors)."""
-    from .storage import check_output
+    from .storage import check_output, check_space
     from .tree import split
 
     if pretrained and weights:
         raise HeadsurgeonError("--pretrained and --weights both give starting weights; use one of them")
     kwargs = _parse_kwargs(model_kwargs)
-    if num_classes is not None:
+    if _num_classes(num_classes) is not None:
         kwargs["num_classes"] = num_classes
     if pretrained:
         kwargs["pretrained"] = True
+    size = _input_size(input_size)
     out = Path(output or f"{_safe_name(model)}-tree")
     check_output(out, overwrite)
     tree = split(model, at=at, heads=heads, fanout=_int_list(fanout, "--fanout"), rescale=not no_rescale,
-                 branch_init=branch_init, weights=weights, seed=seed,
-                 input_size=_int_list(input_size, "--input-size"), **kwargs)
+                 branch_init=branch_init, weights=weights, seed=seed, input_size=size, **kwargs)
     cost = tree.cost()
+    check_space(out, tree.nbytes())  # say the size first; refuse what the disk cannot hold
+    click.echo(f"writing {out}: {human(tree.nbytes(), 'B')} of weights ({tree.num_heads} heads)")
     tree.save(out, overwrite=overwrite)
     click.echo(f"{model} split at {','.join(tree.spec.at)} into {tree.num_heads} heads "
                f"(fan-out {','.join(map(str, tree.fanout))}, rescale {'on' if tree.rescale else 'off'}, "
@@ -249,6 +267,8 @@ def demo_cmd(output: str, epochs: int | None) -> None:
 
     from .pipeline import demo
 
+    if epochs is not None and epochs < 1:
+        raise HeadsurgeonError(f"--epochs must be at least 1, got {epochs}")
     demo(output or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}", epochs=epochs, log=click.echo)
 
 

@@ -85,15 +85,20 @@ def resolve_all(graph: fx.Graph, names: dict[fx.Node, str], points: Sequence[str
     for k in range(1, len(points)):
         if idx[k] <= idx[k - 1]:
             prev, cur = points[k - 1], points[k]
-            if idx[k] == idx[k - 1]:
+            if cur == prev:
+                why = f"'{cur}' is given twice"
+            elif idx[k] == idx[k - 1]:
                 why = f"'{cur}' and '{prev}' start at the same node"
             elif points[k] != INPUT and last_index(graph, names, cur) >= idx[k - 1]:
                 why = f"'{prev}' lies inside '{cur}', which would already be cloned from '{cur}' on"
             else:
                 why = f"'{cur}' runs before '{prev}'"
+            first = {}  # one point per cut position (a duplicate or an alias adds no fork), in forward order
+            for p, i in sorted(zip(points, idx), key=lambda pi: pi[1]):
+                first.setdefault(i, p)
             raise HeadsurgeonError(
                 f"split points must be distinct and in forward order: {why}; "
-                f"list them as the model runs them, e.g. --at {','.join(sorted(points, key=lambda p: idx[points.index(p)]))}"
+                f"list each once, as the model runs them, e.g. --at {','.join(first.values())}"
             )
     return idx
 

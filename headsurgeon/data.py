@@ -11,7 +11,7 @@ import gzip
 import os
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,11 @@ from torch.utils.data import Dataset
 
 from .errors import HeadsurgeonError
 
+if TYPE_CHECKING:
+    from .recipe import Recipe
+
 DIGITS_TEST = 360  # fixed held-out digits test split (20%), independent of every recipe seed
+DIGITS_TEST_SPLITS = ("test", "validation", "val")  # names of digits' test split
 
 
 def digits_folds(targets: Sequence[int], folds: int) -> list[int]:
@@ -45,6 +49,9 @@ class Digits(Dataset):
         from sklearn.datasets import load_digits
 
         d = load_digits()
+        if split not in ("train", *DIGITS_TEST_SPLITS):
+            raise HeadsurgeonError(f"digits has splits 'train' and 'test', not '{split}'; set data.train_split / "
+                                   f"data.test_split to one of them")
         if folds:
             of = digits_folds(d.target.tolist(), folds)
             idx = [i for i, f in enumerate(of) if (f == fold) == (split != "train")]
@@ -203,7 +210,21 @@ def _base(name: str, root: str | None, split: str, download: bool, folds: int | 
         raise HeadsurgeonError(f"dataset '{name}' is a streaming dataset; use an ImageFolder, torch/... or hfds/... dataset")
     if len(ds) == 0:
         raise HeadsurgeonError(f"dataset '{name}' split '{split}' at '{root}' has no samples")
+    _check_folder(ds)
     return ds
+
+
+def _check_folder(ds: Dataset) -> None:
+    """An image folder holds ``<split>/<class>/<image>``: timm labels any other image by its folder's
+    name (a stray ``curves.png`` at the top becomes class '', ``runs/x/curves.png`` class 'x')."""
+    reader = getattr(ds, "reader", None)
+    samples, top = getattr(reader, "samples", None), getattr(reader, "root", None)
+    if not isinstance(samples, list) or not top or not os.path.isdir(top):
+        return
+    stray = [rel for rel in (os.path.relpath(str(s[0]), top) for s in samples) if len(Path(rel).parts) != 2]
+    if stray:
+        raise HeadsurgeonError(f"image folder '{top}' has {len(stray)} image(s) outside a class sub-folder "
+                               f"(e.g. '{stray[0]}'); every image must sit in <class>/<file> there: move or delete them")
 
 
 def label_names(ds: Dataset) -> list[str] | None:
@@ -257,19 +278,36 @@ def carve(ds: Dataset, val_fraction: float, train_fraction: float, seed: int,
     return sorted(order[:n_val]), sorted(rest[:keep])  # rest is in random order: a random subset
 
 
-def splits(recipe: dict[str, Any]) -> Splits:
+def splits(recipe: "Recipe") -> Splits:
     """Train / validation / test views; the validation carve and the noise have fixed seeds."""
-    name, root, dl = recipe["data.dataset"], recipe["data.root"], recipe["data.download"]
-    folds = (recipe.get("data.folds"), recipe.get("data.fold", 0))
-    train_base = _base(name, root, recipe["data.train_split"], dl, *folds)
-    test_base = _base(name, root, recipe["data.test_split"], dl, *folds)
-    classes = recipe["data.num_classes"] or _num_classes(train_base)
+    name, root, dl = recipe.data.dataset, recipe.data.root, recipe.data.download
+    folds = (recipe.data.folds, recipe.data.fold)
+    tr, te = recipe.data.train_split, recipe.data.test_split
+    if tr == te or (name in ("digits", FASHION_MNIST) and tr != "train"):  # the test split is never trained on
+        raise HeadsurgeonError(f"data.train_split '{tr}' would train on the test images of '{name}'"
+                               + (f" ('{te}' is the test split)" if tr == te else "; its training split is 'train'")
+                               + "; validation is carved from the training split")
+    train_base = _base(name, root, tr, dl, *folds)
+    test_base = _base(name, root, te, dl, *folds)
+    found = _num_classes(train_base)
+    targets = getattr(train_base, "targets", None)
+    found = max(found or 0, (max(int(t) for t in targets) + 1) if targets is not None and len(targets) else 0) or None
+    given = recipe.data.num_classes
+    if given and found and given < found:
+        raise HeadsurgeonError(f"data.num_classes is {given} but '{name}' has {found} classes (labels 0..{found - 1}); "
+                               f"set data.num_classes: {found} or leave it out")
+    classes = given or found
     if not classes:
         raise HeadsurgeonError(f"cannot tell how many classes '{name}' has; set data.num_classes")
-    val_idx, train_idx = carve(train_base, recipe["data.val_fraction"], float(recipe.get("data.train_fraction", 1.0)),
-                               recipe["data.split_seed"], bool(recipe.get("data.stratify", False)))
-    frac = float(recipe["data.label_noise"])
-    g = torch.Generator().manual_seed(recipe["data.noise_seed"])
+    a, b = label_names(train_base), label_names(test_base)
+    if a and b and a != b:  # image folders index classes per split, by the sub-folders each one has
+        missing = sorted(set(a) ^ set(b))[:3]
+        raise HeadsurgeonError(f"the '{tr}' and '{te}' splits of '{name}' list different classes (e.g. {missing}); "
+                               f"class indices would not match between them")
+    val_idx, train_idx = carve(train_base, recipe.data.val_fraction, recipe.data.train_fraction,
+                               recipe.data.split_seed, recipe.data.stratify)
+    frac = recipe.data.label_noise
+    g = torch.Generator().manual_seed(recipe.data.noise_seed)
     flip = torch.randperm(len(train_idx), generator=g)[: round(frac * len(train_idx))].tolist()
     offsets = {i: int(o) for i, o in zip(flip, torch.randint(1, classes, (len(flip),), generator=g).tolist())}
     return Splits(
@@ -277,7 +315,7 @@ def splits(recipe: dict[str, Any]) -> Splits:
         val=View(train_base, val_idx),
         test=View(test_base, range(len(test_base))),
         num_classes=classes,
-        noise={"fraction": frac, "flipped": len(offsets), "seed": recipe["data.noise_seed"]},
+        noise={"fraction": frac, "flipped": len(offsets), "seed": recipe.data.noise_seed},
         label_names=(lambda n: n if n and len(n) == classes else None)(label_names(train_base)),
     )
 
@@ -288,7 +326,7 @@ def shard(view: View, rank: int, world: int) -> View:
         i // world: o for i, o in view.offsets.items() if i % world == rank}, view.num_classes)
 
 
-def data_config(recipe: dict[str, Any], pretrained_cfg: dict[str, Any] | None, in_chans: int = 3) -> dict[str, Any]:
+def data_config(recipe: "Recipe", pretrained_cfg: dict[str, Any] | None, in_chans: int = 3) -> dict[str, Any]:
     """The preprocessing of a run: timm's ``resolve_data_config`` of the model's pretrained config,
     with the model's channel count and the recipe's ``data.mean``/``data.std`` where given.
 
@@ -297,11 +335,11 @@ def data_config(recipe: dict[str, Any], pretrained_cfg: dict[str, Any] | None, i
     """
     from timm.data import resolve_data_config
 
-    size = recipe["data.img_size"]
+    size = recipe.data.img_size
     cfg = dict(resolve_data_config(args={"img_size": size}, pretrained_cfg=pretrained_cfg or {}))
     cfg["input_size"] = (in_chans, size, size)
     for key in ("mean", "std"):
-        given = recipe.get(f"data.{key}")
+        given = getattr(recipe.data, key)
         value = tuple(float(v) for v in (given if given is not None else cfg[key]))
         if given is None and len(value) != in_chans:
             value = (sum(value) / len(value),) * in_chans
@@ -311,22 +349,33 @@ def data_config(recipe: dict[str, Any], pretrained_cfg: dict[str, Any] | None, i
     return cfg
 
 
-def loader(view: View, recipe: dict[str, Any], data_cfg: dict[str, Any], training: bool, device: torch.device,
+def eval_config(recipe: "Recipe", pretrained_cfg: dict[str, Any] | None, in_chans: int = 3) -> dict[str, Any]:
+    """The run's evaluation preprocessing (what :func:`loader` does for val/test) as timm
+    ``pretrained_cfg`` keys: an export carrying them is evaluated by ``resolve_data_config(model=m)`` +
+    ``create_transform(**cfg)`` exactly as the run evaluated it, not at the base model's ImageNet size."""
+    cfg = data_config(recipe, pretrained_cfg, in_chans)
+    return {"input_size": tuple(cfg["input_size"]), "interpolation": cfg.get("interpolation", "bilinear"),
+            "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "crop_pct": recipe.data.crop_pct,
+            "crop_mode": "center"}  # create_loader's default crop_mode (None) is 'center'
+
+
+def loader(view: View, recipe: "Recipe", data_cfg: dict[str, Any], training: bool, device: torch.device,
            distributed: bool = False) -> torch.utils.data.DataLoader:
     """timm's ``create_loader`` with the recipe's augmentation; training loaders shuffle."""
     from timm.data import create_loader
 
-    size, chans = recipe["data.img_size"], data_cfg["input_size"][0]
+    size, chans = recipe.data.img_size, data_cfg["input_size"][0]
     view.mode = {1: "L", 3: "RGB"}.get(chans)  # other channel counts: the dataset's own images
-    bs = recipe["data.batch_size"] if training else (recipe["data.eval_batch_size"] or 2 * recipe["data.batch_size"])
+    bs = recipe.data.batch_size if training else (recipe.data.eval_batch_size or 2 * recipe.data.batch_size)
     if training and len(view) < bs * (2 if distributed else 1):
         raise HeadsurgeonError(f"{len(view)} training samples are fewer than one batch of {bs}; lower data.batch_size")
     return create_loader(
-        view, input_size=(chans, size, size), batch_size=bs, is_training=training, no_aug=recipe["data.no_aug"],
-        scale=tuple(recipe["data.scale"]), ratio=tuple(recipe["data.ratio"]), hflip=recipe["data.hflip"],
-        color_jitter=recipe["data.color_jitter"], auto_augment=recipe["data.auto_augment"],
+        view, input_size=(chans, size, size), batch_size=bs, is_training=training, no_aug=recipe.data.no_aug,
+        scale=tuple(recipe.data.scale), ratio=tuple(recipe.data.ratio), hflip=recipe.data.hflip,
+        color_jitter=recipe.data.color_jitter, auto_augment=recipe.data.auto_augment,
         interpolation=data_cfg.get("interpolation", "bilinear"), mean=data_cfg["mean"], std=data_cfg["std"],
-        crop_pct=recipe["data.crop_pct"], num_workers=recipe["data.workers"],
+        crop_pct=recipe.data.crop_pct, num_workers=recipe.data.workers,
+        re_prob=recipe.data.reprob, re_mode=recipe.data.remode, re_count=recipe.data.recount,
         distributed=distributed and training, device=device, use_prefetcher=device.type == "cuda",
         pin_memory=device.type == "cuda",
         # fresh workers each epoch draw their seeds from the (checkpointed) torch RNG, so a resumed

@@ -18,14 +18,22 @@ from .errors import HeadsurgeonError
 def collapse_dir(source: str | Path | None, head: int | None, output: str | Path | None, overwrite: bool = False,
                  log: Callable[[str], None] = print) -> tuple[Path, int]:
     """Collapse one head of a tree directory or a training run (default: its best head) and
-    export it with its model card. Without ``source``, the most recent run under ``runs/``."""
-    from .card import card_writer, read_run
+    export it with its model card. Without ``source``, the most recent run under ``runs/``.
+
+    A run's export carries the run's evaluation preprocessing in ``config.json`` (so timm's
+    ``resolve_data_config`` reproduces the run's test accuracy) and is labelled with
+    ``best/record.json``, written with the weights it describes, so the card's accuracies are
+    those of the exported weights even if a kill left ``summary.json`` an epoch behind.
+    """
+    from .card import card_writer
     from .collapse import export
+    from .data import eval_config
+    from .rundir import BEST, RunDir
     from .storage import check_output
-    from .tree import HeadTree
+    from .tree import SPEC_FILE, HeadTree, SplitSpec
 
     if source is None:
-        from .train import RUNS, latest_run
+        from .rundir import RUNS, latest_run
 
         found = latest_run(RUNS)
         if found is None:
@@ -36,27 +44,69 @@ def collapse_dir(source: str | Path | None, head: int | None, output: str | Path
     if not src.is_dir():
         raise HeadsurgeonError(f"'{source}' is not a directory; give a tree directory written by `headsurgeon split` "
                                f"or a run directory written by `headsurgeon train`")
-    run, recipe = read_run(src)  # both None for a tree directory: the card then has no accuracies
+    rd = RunDir(src)
+    is_run = not (src / SPEC_FILE).exists() and any(
+        (src / f).exists() for f in ("summary.json", "recipe.yaml", "metrics.jsonl", BEST, "last"))
+    run = recipe = data_cfg = None
     tree_dir = src
-    if run is not None:  # a training run: its best checkpoint, its best head by validation
-        tree_dir = src / run.get("best_dir", "best")
+    if is_run:  # a training run: its best checkpoint, labelled by the record written with it
+        tree_dir = rd.best
+        if not (tree_dir / SPEC_FILE).is_file():
+            raise HeadsurgeonError(f"run '{src}' has no {BEST}/ checkpoint yet (no finished epoch); "
+                                   f"train it (`headsurgeon train --resume -o {src}`) or give a tree directory")
+        heads = SplitSpec.from_json((tree_dir / SPEC_FILE).read_text(), where=str(tree_dir / SPEC_FILE)).heads
+        seen = _stamp(tree_dir)
+        run = labels(rd.summary(heads), rd.best_record(heads), src, log)
+        recipe = rd.read_recipe() if (src / "recipe.yaml").is_file() else None
         if head is None:
             head = int(run["best_head"])
             h = run["heads"][head]
             log(f"run {src}: best head {head} by validation (val top-1 {h['val_top1']:.2f}%, "
                 f"test top-1 {h['test_top1']:.2f}%, epoch {run['best_epoch']})")
-    tree = HeadTree.load(tree_dir)
     head = 0 if head is None else head
     out = Path(output or f"{src.name}-head{head}")
-    check_output(out, overwrite)
+    check_output(out, overwrite)  # before the work: a bad -o is one line, not the end of a long collapse
+    tree = HeadTree.load(tree_dir)
+    if is_run and _stamp(tree_dir) != seen:
+        raise HeadsurgeonError(f"'{tree_dir}' was replaced while it was read (the run is still training); "
+                               f"run collapse again")
     model = tree.collapse(head)
-    labels = (run or {}).get("label_names")
-    export(model, out, label_names=labels, overwrite=overwrite,
-           card=card_writer(tree.spec, head, summary=run, recipe=recipe, label_names=labels,
-                            num_params=sum(p.numel() for p in model.parameters())))
+    if recipe is not None:  # the run's own evaluation; a bare tree keeps its model's pretrained_cfg
+        data_cfg = eval_config(recipe, tree.spec.pretrained_cfg, tree.spec.model_args.get("in_chans", 3))
+    names = (run or {}).get("label_names")
+    export(model, out, label_names=names, overwrite=overwrite, data_config=data_cfg,
+           card=card_writer(tree.spec, head, summary=run, recipe=recipe.nested() if recipe else None,
+                            label_names=names, num_params=sum(p.numel() for p in model.parameters())))
     log(f"head {head} of {src} -> {tree.spec.architecture} with {tree.spec.model_args}; "
-        f"logits verified equal to the tree's and to the reloaded export")
+        f"logits verified equal to the tree's and to the reloaded export"
+        + (f"; preprocessing {data_cfg['input_size'][1]}px, crop {data_cfg['crop_pct']} in config.json" if data_cfg else ""))
     return out, head
+
+
+def _stamp(directory: Path) -> tuple[int, ...]:
+    """Identity of a checkpoint directory: a live run replaces ``best/`` by renaming a new one into place."""
+    st = directory.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+BEST_KEYS = ("best_epoch", "best_head", "heads", "ensemble")  # what a summary says about the best checkpoint
+
+
+def labels(summary: dict[str, Any] | None, record: dict[str, Any] | None, src: Path,
+           log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The summary to label ``best/`` with: ``summary.json`` for the run's progress, ``best/record.json``
+    (written in one atomic step with the weights) for everything about the best checkpoint.
+    Runs older than records have only ``summary.json``."""
+    if record is None:
+        if summary is None:
+            raise HeadsurgeonError(f"run '{src}' has neither summary.json nor best/record.json; "
+                                   f"give its best/ folder to collapse it without accuracies")
+        return summary
+    if summary is None or any(summary.get(k) != record.get(k) for k in BEST_KEYS):
+        said = "is missing" if summary is None else f"describes epoch {summary['best_epoch']}"
+        log(f"note: summary.json {said} but best/ holds the weights of epoch {record['best_epoch']} (a run stopped "
+            f"between its checkpoint writes); labelling them with best/record.json")
+    return {**(summary or record), **{k: record[k] for k in BEST_KEYS if k in record}}
 
 
 # ----------------------------------------------------------------------------------- demo

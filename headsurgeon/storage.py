@@ -5,6 +5,7 @@ or not at all: it is written into a hidden sibling and renamed into place.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -29,6 +30,45 @@ def check_output(target: str | os.PathLike, overwrite: bool = False,
         raise HeadsurgeonError(f"output '{target}' exists and is not a directory; choose another -o")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise HeadsurgeonError(f"output directory '{target}' is not empty; {fix}")
+    check_writable(target)
+
+
+def check_writable(target: str | os.PathLike) -> None:
+    """``target`` (a directory, existing or not) can be created and written: its nearest existing
+    ancestor is a directory in which a file can be made. Catches ``-o some_file/sub``, read-only or
+    immutable folders and file systems before the work, not after it."""
+    target = Path(target).absolute()
+    anc = target
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise HeadsurgeonError(f"cannot create '{target}': '{anc}' is a file, not a directory; choose another -o")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".headsurgeon-probe.", dir=anc)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise HeadsurgeonError(f"cannot write to '{anc}' ({e.strerror or e}): a read-only or full file system, "
+                               f"or no permission; choose another -o") from None
+
+
+def check_space(target: str | os.PathLike, nbytes: int) -> None:
+    """Refuse, before writing, ``nbytes`` that the file system holding ``target`` has no room for."""
+    anc = Path(target).absolute()
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    free = shutil.disk_usage(anc).free
+    if nbytes > free:
+        raise HeadsurgeonError(f"'{target}' needs {human(nbytes, 'B')} but only {human(free, 'B')} is free there; "
+                               f"free space or choose another -o")
+
+
+def os_error(e: OSError, target: str | os.PathLike, after: str = "") -> HeadsurgeonError:
+    """An ``OSError`` while writing ``target`` as one line (disk full, read-only, permission)."""
+    what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+            errno.EPERM: "operation not permitted"}.get(e.errno, e.strerror or str(e))
+    return HeadsurgeonError(f"cannot write '{target}': {what}; {after or 'nothing was written there'}")
 
 
 @contextmanager
@@ -36,10 +76,16 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     """Yield a temporary sibling of ``target`` to write into; it replaces ``target`` only if the block succeeds."""
     target = Path(target)
     check_output(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as e:
+        raise os_error(e, target) from None
     try:
         yield tmp
+    except OSError as e:  # a full disk mid-write: the old target (if any) is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise os_error(e, target, f"'{target}' was left as it was" if target.exists() else "") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -54,9 +100,22 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
         os.replace(tmp, target)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Indented, key-sorted JSON (stable diffs between runs)."""
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True))
+def write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = True) -> None:
+    """Indented JSON (key-sorted by default: stable diffs), written atomically: readers see the old or
+    the new file, never half of one."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys))
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file atomically (a hidden sibling renamed into place); a failed write leaves the old file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise os_error(e, path, f"'{path}' was left as it was" if path.exists() else "") from None
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -263,7 +263,7 @@ def test_save_load_round_trip(tmp_path):
     tree.train()
     sum(o.sum() for o in tree(_x())).backward()  # update BN stats so they must be saved
     tree.save(tmp_path / "t")
-    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["spec.json", "tree.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["spec.json", "tree.safetensors", "tree.safetensors.sha256"]
     back = hs.HeadTree.load(tmp_path / "t")
     for (n1, a), (n2, b) in zip(tree.state_dict().items(), back.state_dict().items()):
         assert n1 == n2 and torch.equal(a, b)
