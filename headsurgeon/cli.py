@@ -256,19 +256,19 @@ def train_cmd(recipe: str | None, sets: tuple[str, ...], output: str | None, res
 
 @main.command("demo")
 @click.option("-o", "--output", default=None, type=click.Path(file_okay=False),
-              help="Where the two runs and the collapsed model go (default runs/demo-<time>; must be empty or absent).")
-@click.option("--epochs", type=int, default=None, help="Epochs for both runs (default: the digits recipe's).")
+              help="Where the two runs, the collapsed model and demo.png go (default runs/demo-<time>; must be empty or absent).")
+@click.option("--epochs", type=int, default=None, help="Epochs for both runs (default 40, as in the study behind the demo).")
 @_one_line_errors
 def demo_cmd(output: str, epochs: int | None) -> None:
-    """The main job on the embedded digits data: split a small timm ResNet at two points into 4
-    heads and train it collaboratively, train the single model with the same budget, collapse the
-    head chosen by validation, reload it with timm in a fresh process and print a table."""
+    """The main job on the embedded digits data, in the setup the evidence in docs/paper.md favours:
+    4 independent instances of a small timm ResNet trained collaboratively with 20 % label noise vs
+    the single model with the same budget (one progress bar each); collapse the head chosen by
+    validation, reload it with timm in a fresh process; a table with each test accuracy's standard
+    error and whether the difference is resolved, a plot (demo.png) and the command to push it."""
     import time
 
     from .pipeline import demo
 
-    if epochs is not None and epochs < 1:
-        raise HeadsurgeonError(f"--epochs must be at least 1, got {epochs}")
     demo(output or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}", epochs=epochs, log=click.echo)
 
 

@@ -129,52 +129,185 @@ _EVAL = textwrap.dedent("""
 """)
 
 
-def demo(output: str | Path = "runs/demo", epochs: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The main job on the embedded digits data, end to end.
+# The demo's configuration, chosen from the evidence in docs/paper.md ("Our reproduction on digits",
+# 5-fold CV x 3 seeds, the same harness as these keys): 4 independent instances (split at the input)
+# are the one tree shape that beat the single model there, and most clearly under label noise
+# (deployed head +2.75 +- 0.85 pp at 20 % noise, ensemble +5.32 +- 0.71); trees that share layers
+# and the rescale op did not help. Settings as in that study (16 px, 25 % labelled subset, batch 32,
+# 40 epochs), on the fixed 360-image test split.
+DEMO_SETS = ("split.at=[input]", "split.heads=4", "loss.objective=cl", "data.label_noise=0.2",
+             "data.img_size=16", "data.train_fraction=0.25", "data.batch_size=32", "epochs=40")
+EVIDENCE = ("docs/paper.md, 'Our reproduction on digits' (5-fold CV x 3 seeds): 4 independent instances beat the "
+            "single model at 20 % label noise by +2.75 ± 0.85 pp (deployed head, paired over 15 cells); trees that "
+            "share layers, and gradient rescaling, did not help")
+PLOT_FILE = "demo.png"
 
-    Split a small timm ResNet at two points into 4 heads and train it collaboratively; train the
-    single model with the same budget; collapse the head chosen by validation; reload it with
-    ``timm.create_model('local-dir:...')`` in a fresh process and evaluate it on the test split.
+
+def demo(output: str | Path = "runs/demo", epochs: int | None = None, log: Callable[[str], None] = print,
+         progress: bool | None = None) -> dict[str, Any]:
+    """The main job on the embedded digits data, end to end, in the configuration the evidence favours.
+
+    Train 4 independent instances of a small timm ResNet collaboratively (a tree split at the
+    input) on digits with 20 % label noise, and the single model with the same budget; collapse
+    the head chosen by validation; reload it with ``timm.create_model('local-dir:...')`` in a fresh
+    process and evaluate it on the test split; print the table (each test accuracy with its
+    binomial standard error, and whether the difference to the single model is resolved), plot the
+    accuracy per epoch (``OUTPUT/demo.png``) and the command that pushes the model.
+
+    ``progress``: one tqdm bar per model (None: only on a terminal); the per-epoch lines of the two
+    runs are in their ``metrics.jsonl``/``summary.csv``.
     """
     from . import recipe as R
     from .storage import check_output
     from .train import train
 
+    if epochs is not None and epochs < 1:
+        raise HeadsurgeonError(f"--epochs must be at least 1, got {epochs}")
     out = Path(output)
     check_output(out, fix="remove it or pass --output DIR")
-    flat, _ = R.load(None, [f"epochs={epochs}"] if epochs else [])
-    single = dict(flat, **{"split.at": [], "split.heads": 1, "split.fanout": None})
-    log(f"[1/4] training a {flat['split.heads']}-head tree of {flat['model']} split at "
-        f"{','.join(flat['split.at'])} on digits ({flat['epochs']} epochs)")
-    tree_run = train(flat, name="demo-tree", output=str(out / "tree"), log=log)
-    log(f"[2/4] training the single {flat['model']} with the same budget")
-    single_run = train(single, name="demo-single", output=str(out / "single"), log=log)
-    log("[3/4] collapsing the best head into a plain timm model")
-    model_dir, head = collapse_dir(out / "tree", None, out / "model", log=log)
-    log("[4/4] reloading it with timm.create_model('local-dir:...') in a fresh process and evaluating it")
+    sets = [*DEMO_SETS, *([f"epochs={epochs}"] if epochs else [])]
+    flat, _ = R.load(None, sets)
+    single, _ = R.load(None, [*sets, "split.at=[]", "split.heads=1", "split.fanout=null"])
+    noise = f"{flat.data.label_noise:.0%} label noise on train"
+    log(f"headsurgeon demo: {flat.split.heads} independent instances of {flat.model} trained collaboratively "
+        f"({flat.loss.objective}) vs the single model, same budget; digits at {flat.data.img_size}px, "
+        f"{noise}, {flat.epochs} epochs")
+    log(f"why this setup: {EVIDENCE}")
+    tree_run = _train_quietly(train, flat, "demo-tree", out / "tree", f"tree ({flat.split.heads} heads)", progress, log)
+    single_run = _train_quietly(train, single, "demo-single", out / "single", "single model", progress, log)
+    notes: list[str] = []
+    model_dir, head = collapse_dir(out / "tree", None, out / "model", log=notes.append)
+    _add_baseline(out / "tree", head, model_dir, single_run)
     proc = subprocess.run([sys.executable, "-c", _EVAL, str(model_dir.resolve()), str(out / "tree" / "recipe.yaml")],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise HeadsurgeonError(f"the collapsed model failed to reload in a fresh process: {proc.stderr.strip().splitlines()[-1]}")
     reloaded = json.loads(proc.stdout.strip().splitlines()[-1])
-    result = {"single": single_run, "tree": tree_run, "head": head, "reloaded": reloaded, "output": str(out)}
+    log(f"collapsed head {head} (best by validation) into a plain timm {reloaded['class']}, verified, and reloaded it "
+        f"with timm.create_model('local-dir:...') in a fresh process: test top-1 {reloaded['test_top1']:.2f}%")
+    result = {"single": single_run, "tree": tree_run, "head": head, "reloaded": reloaded, "output": str(out),
+              "plot": _plot(out, head)}
     log(table(result))
     return result
 
 
+def _train_quietly(train: Callable, recipe: Any, name: str, output: Path, label: str, progress: bool | None,
+                   log: Callable[[str], None]) -> dict[str, Any]:
+    """Train with one tqdm bar (epochs) instead of a line per epoch."""
+    import re
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=recipe.epochs, desc=f"{label:<16}", unit="epoch", leave=True, dynamic_ncols=True,
+               disable=None if progress is None else not progress)
+
+    def on_line(message: str) -> None:
+        m = re.match(r"epoch (\d+)/\d+ .*val top1 (.*?)  test", message)
+        if m:
+            bar.update(int(m.group(1)) - bar.n)
+            bar.set_postfix_str(f"val top-1 {m.group(2)}", refresh=False)
+
+    try:
+        summary = train(recipe, name=name, output=str(output), log=on_line)
+    finally:
+        bar.close()
+    if bar.disable:  # no terminal: one line per model instead of the bar
+        b = summary["heads"][summary["best_head"]]
+        log(f"{label}: {summary['epochs_done']} epochs in {summary['wall_time_s']:.0f}s, best epoch "
+            f"{summary['best_epoch']}, val top-1 {b['val_top1']:.2f}%")
+    return summary
+
+
+def _add_baseline(run: Path, head: int, model_dir: Path, single: dict[str, Any]) -> None:
+    """The card of the collapsed head, with the single model beside it (the card is not in the
+    sha256 proof, so the folder stays a verified collapse output)."""
+    import timm
+
+    from .card import CARD_FILE, run_card
+
+    model = timm.create_model(f"local-dir:{model_dir.resolve()}", pretrained=False)
+    text = run_card(run, head, model_dir, baseline=single, num_params=sum(p.numel() for p in model.parameters()))
+    (model_dir / CARD_FILE).write_text(text, encoding="utf-8")
+
+
+def _plot(out: Path, head: int) -> str | None:
+    """``demo.png``: validation and test top-1 per epoch of every head, the ensemble and the single model."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from .rundir import RunDir
+
+    tree, single = RunDir(out / "tree").metrics(), RunDir(out / "single").metrics()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, split in zip(axes, ("val", "test")):
+        for i in range(len(tree[0][split]["heads"])):
+            ax.plot([r["epoch"] for r in tree], [r[split]["heads"][i]["top1"] for r in tree], lw=2.2 if i == head else 1,
+                    alpha=1 if i == head else 0.6, label=f"head {i}" + (" (exported)" if i == head else ""))
+        ax.plot([r["epoch"] for r in tree], [r[split]["ensemble"]["top1"] for r in tree], "k:", label="ensemble")
+        ax.plot([r["epoch"] for r in single], [r[split]["heads"][0]["top1"] for r in single], "k-", lw=2.2,
+                label="single model")
+        ax.set_title(f"{'validation' if split == 'val' else 'test'} top-1 (%)")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    lo = min(min(r[s]["heads"][0]["top1"] for r in single[len(single) // 4:]) for s in ("val", "test"))
+    axes[0].set_ylim(max(0, lo - 10), 100)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("headsurgeon demo: collaborative heads vs the single model (digits)")
+    fig.tight_layout()
+    path = out / PLOT_FILE
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+def difference(a: float, b: float, n: int) -> tuple[float, float, bool]:
+    """``a - b`` (pp) of two accuracies on the same ``n`` test images, the standard error of the
+    difference from their binomial SEs taken as independent (conservative: the images are shared),
+    and whether it is resolved (|Δ| > 2 SE)."""
+    from .card import binomial_se
+
+    se = (binomial_se(a, n) ** 2 + binomial_se(b, n) ** 2) ** 0.5
+    return a - b, se, abs(a - b) > 2 * se
+
+
 def table(result: dict[str, Any]) -> str:
+    """The demo's closing screen: accuracies ± binomial SE, Δ to the single model, what it means,
+    where the evidence is, the plot and the push command."""
+    from .card import binomial_se
+
     s, t, head = result["single"], result["tree"], result["head"]
-    rows = [("single model (same budget)", s["heads"][0]["val_top1"], s["heads"][0]["test_top1"])]
-    rows += [(f"tree head {h['index']}" + (" (chosen by validation)" if h["index"] == head else ""),
-              h["val_top1"], h["test_top1"]) for h in t["heads"]]
-    rows += [("tree ensemble (mean of logits)", t["ensemble"]["val_top1"], t["ensemble"]["test_top1"]),
-             (f"collapsed head {head}, reloaded by timm", None, result["reloaded"]["test_top1"])]
+    n = result["reloaded"]["n"]
+    base = s["heads"][0]["test_top1"]
+    rows = [("single model (same budget)", s["heads"][0]["val_top1"], base, False)]
+    rows += [(f"head {h['index']}" + (" (chosen by validation)" if h["index"] == head else ""),
+              h["val_top1"], h["test_top1"], True) for h in t["heads"]]
+    rows += [("ensemble of the heads (not one model)", t["ensemble"]["val_top1"], t["ensemble"]["test_top1"], True),
+             (f"collapsed head {head}, reloaded by timm", None, result["reloaded"]["test_top1"], True)]
     w = max(len(r[0]) for r in rows)
-    lines = [f"{'model':<{w}}  val top-1  test top-1", "-" * (w + 23)]
-    for name, val, test in rows:
-        lines.append(f"{name:<{w}}  {'' if val is None else f'{val:8.2f}%':>9}  {test:9.2f}%")
+    lines = [f"{'model':<{w}}  val top-1  test top-1 ± SE   Δ vs single ± SE", "-" * (w + 47)]
+    for name, val, test, vs in rows:
+        d, se, _ = difference(test, base, n)
+        lines.append(f"{name:<{w}}  {'' if val is None else f'{val:8.2f}%':>9}  {test:7.2f}% ± {binomial_se(test, n):4.2f}"
+                     + (f"   {d:+6.2f} ± {se:4.2f}" if vs else ""))
+    d, se, resolved = difference(result["reloaded"]["test_top1"], base, n)
+    lines += ["", f"Test split: {n} images, so one image is {100 / n:.2f} pp; SE is the binomial standard error, the SE of "
+                  f"a difference treats the two models as independent (conservative)."]
+    if resolved:
+        lines.append(f"The exported head is {abs(d):.2f} pp {'above' if d > 0 else 'below'} the single model: more than "
+                     f"2 SE ({2 * se:.2f} pp), a resolved difference on this test split.")
+    else:
+        lines.append(f"The exported head is {abs(d):.2f} pp {'above' if d >= 0 else 'below'} the single model, within "
+                     f"2 SE ({2 * se:.2f} pp): one run on {n} images does not resolve the difference either way; "
+                     f"the evidence is the repeated study below.")
+    lines.append(f"Evidence for this setup: {EVIDENCE}.")
     o = Path(result["output"])
-    lines += ["", f"outputs: {o / 'tree'} (tree run: summary.json, metrics.jsonl, curves.png), {o / 'single'} (single model),",
-              f"         {o / 'model'} (collapsed head: config.json, model.safetensors, README.md)",
-              f"load it: timm.create_model('local-dir:{(o / 'model').resolve()}', pretrained=True)"]
+    if result.get("plot"):
+        lines.append(f"plot (accuracy per epoch, each head vs the single model): {result['plot']}")
+    lines += [f"runs: {o / 'tree'}, {o / 'single'} (metrics.jsonl, summary.csv, curves.png); "
+              f"model: {o / 'model'} (config.json, model.safetensors, README.md)",
+              f"push it: headsurgeon push {o / 'model'} --repo <your-namespace>/resnet10t-digits-cl"]
     return "\n".join(lines)
