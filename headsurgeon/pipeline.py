@@ -118,7 +118,7 @@ _EVAL = textwrap.dedent("""
     model = timm.create_model("local-dir:" + sys.argv[1], pretrained=True).eval()
     assert "headsurgeon.tree" not in sys.modules
     from headsurgeon import data, recipe
-    flat = recipe.validate(recipe.flatten(yaml.safe_load(open(sys.argv[2])), "recipe"))
+    flat = recipe.from_flat(recipe.read(sys.argv[2]))
     loader = data.loader(data.splits(flat).test, flat, resolve_data_config(model=model), False, torch.device("cpu"))
     correct = n = 0
     with torch.no_grad():
