@@ -254,6 +254,31 @@ def train_cmd(recipe: str | None, sets: tuple[str, ...], output: str | None, res
                    f"collapse the best head with: headsurgeon collapse {s['run']}")
 
 
+@main.command("recipe")
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
+@click.option("--schema", is_flag=True, help="Print the JSON Schema of recipe files instead (for editors).")
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="Write to this file instead of stdout.")
+@_one_line_errors
+def recipe_cmd(recipe: str | None, sets: tuple[str, ...], schema: bool, output: str | None) -> None:
+    """Check RECIPE (with --set overrides) and print it resolved, every key with its value, as
+    `headsurgeon train` would run it; or, with --schema, the JSON Schema that editors use to complete
+    and check recipe files (`# yaml-language-server: $schema=...`)."""
+    import yaml
+
+    from . import recipe as R
+
+    if schema:
+        text = R.schema_text()
+    else:
+        text = yaml.safe_dump(R.load(recipe, sets)[0].nested(), sort_keys=False)
+    if output:
+        Path(output).write_text(text)
+        click.echo(f"wrote {output}")
+    else:
+        click.echo(text, nl=False)
+
+
 @main.command("demo")
 @click.option("-o", "--output", default=None, type=click.Path(file_okay=False),
               help="Where the two runs, the collapsed model and demo.png go (default runs/demo-<time>; must be empty or absent).")

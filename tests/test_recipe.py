@@ -173,3 +173,19 @@ def _splits(sets):
     from headsurgeon import data as D
 
     return D.splits(R.load(None, sets)[0])
+
+
+def test_cli_recipe_prints_the_resolved_recipe_and_the_schema(tmp_path):
+    from click.testing import CliRunner
+
+    from headsurgeon.cli import main
+
+    r = CliRunner().invoke(main, ["recipe", str(RECIPES / "fashion-mnist.yaml"), "--set", "epochs=3"])
+    assert r.exit_code == 0, r.output
+    shown = yaml.safe_load(r.output)
+    assert shown["epochs"] == 3 and shown["data"]["dataset"] == "fashion-mnist" and shown["loss"]["objective"] == "cl"
+    r = CliRunner().invoke(main, ["recipe", "--schema", "-o", str(tmp_path / "s.json")])
+    assert r.exit_code == 0 and (tmp_path / "s.json").read_text() == R.schema_text()
+    r = CliRunner().invoke(main, ["recipe", "--set", "epochs=0", "--set", "data.hflip=2"])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
+    assert "'epochs' is 0" in r.output and "'data.hflip' is 2" in r.output
