@@ -22,7 +22,8 @@ from .rundir import EMA_FILE, OBJECTIVE_FILE, RUNS, STATE_FILE, RunDir, latest_r
     set_rng_state
 from .tree import HeadTree, split
 
-__all__ = ["train", "evaluate", "train_epoch", "objective_for", "build", "restore", "RUNS", "STATE_FILE", "latest_run"]
+__all__ = ["train", "evaluate", "train_epoch", "objective_for", "mixup_for", "tree_for", "build", "restore", "RUNS",
+           "STATE_FILE", "latest_run"]
 
 
 def objective_for(recipe: R.Recipe) -> O.Objective:
@@ -126,7 +127,7 @@ def _process(device: str = "auto") -> Process:
     return Process(torch.device(dev["device"]), dev["global_rank"], dev["world_size"], dev["distributed"])
 
 
-def _mixup(recipe: R.Recipe, classes: int):
+def mixup_for(recipe: R.Recipe, classes: int):
     """timm's ``Mixup`` when mixup or cutmix is on: it folds ``loss.label_smoothing`` into the soft
     targets (and the objective's own smoothing is then 0), as timm's train.py does."""
     d = recipe.data
@@ -172,7 +173,8 @@ def _run_dir(recipe: R.Recipe, name: str, output: str | None, resume: bool, proc
     return run
 
 
-def _tree(recipe: R.Recipe, classes: int) -> HeadTree:
+def tree_for(recipe: R.Recipe, classes: int) -> HeadTree:
+    """The recipe's tree: ``tree:`` loaded (its classes checked), else ``model`` split as ``split.*`` says."""
     r = recipe
     if r.tree:
         tree = HeadTree.load(r.tree)
@@ -225,7 +227,7 @@ def build(recipe: R.Recipe, name: str = "run", output: str | None = None, resume
     run_dir = _run_dir(r, name, output, resume, proc, log)
     random_seed(r.seed, proc.rank)
     splits = D.splits(r)
-    tree = HeadTree.load(run_dir.resume_point()) if resume else _tree(r, splits.num_classes)
+    tree = HeadTree.load(run_dir.resume_point()) if resume else tree_for(r, splits.num_classes)
     if proc.primary:  # only after everything that can refuse the input: a bad recipe writes nothing
         run_dir.lock()
         run_dir.clean_partial()
@@ -292,7 +294,7 @@ def build(recipe: R.Recipe, name: str = "run", output: str | None = None, resume
             decay_milestones=r.sched.decay_milestones, decay_rate=r.sched.decay_rate,
             step_on_epochs=r.sched.step_on_epochs, updates_per_epoch=_updates(len(train_loader), r))
     return Run(r, proc, run_dir, splits, tree, model, objective, modules, features, optimizer, scheduler, scaler, ema,
-               autocast, train_loader, evals, log, _mixup(r, splits.num_classes))
+               autocast, train_loader, evals, log, mixup_for(r, splits.num_classes))
 
 
 def _updates(batches: int, recipe: R.Recipe) -> int:

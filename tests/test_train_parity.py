@@ -21,7 +21,7 @@ def _quiet(m):
 
 def test_mixup_targets_and_hard_term_by_hand():
     recipe, _ = R.load(None, ["data.mixup=0.4", "loss.label_smoothing=0.1", "split.heads=2", "split.at=[layer4]"])
-    mixup = T._mixup(recipe, 5)
+    mixup = T.mixup_for(recipe, 5)
     assert mixup is not None and T.objective_for(recipe).label_smoothing == 0.0  # smoothing moves into the targets
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 8, 8, generator=g)
@@ -42,7 +42,7 @@ def test_mixup_targets_and_hard_term_by_hand():
 
 def test_without_mixup_the_objective_sees_the_labels_unchanged():
     recipe, _ = R.load(None, ["loss.label_smoothing=0.1"])
-    assert T._mixup(recipe, 10) is None and T.objective_for(recipe).label_smoothing == 0.1
+    assert T.mixup_for(recipe, 10) is None and T.objective_for(recipe).label_smoothing == 0.1
 
 
 def test_training_with_mixup_cutmix_and_random_erasing(folder, tmp_path):  # noqa: F811
@@ -64,7 +64,7 @@ def test_accumulated_micro_batches_update_like_one_batch(folder, tmp_path):  # n
                 log=_quiet)
     wa = safetensors.torch.load_file(str(tmp_path / "a" / "last" / "tree.safetensors"))
     wb = safetensors.torch.load_file(str(tmp_path / "b" / "last" / "tree.safetensors"))
-    start = T._tree(_recipe(folder, *VIT, "data.batch_size=6"), 3).state_dict()
+    start = T.tree_for(_recipe(folder, *VIT, "data.batch_size=6"), 3).state_dict()
     moved = max((wa[k] - start[k]).abs().max().item() for k in wa)
     assert moved > 1e-3  # the updates are real
     for k in wa:
