@@ -144,6 +144,7 @@ class RunDir:
         self.path = Path(path)
         self._locked = False
         self._restart = False
+        self._resume: tuple[Path, dict[str, Any]] | None = None
 
     def __str__(self) -> str:
         return str(self.path)
@@ -163,15 +164,19 @@ class RunDir:
     def resumable(self) -> bool:
         return (self.last / STATE_FILE).is_file() or (self.recovery / STATE_FILE).is_file()
 
-    def resume_point(self) -> Path:
-        """``recovery/`` when it is ahead of ``last/`` (a mid-epoch point of the epoch after it), else ``last/``."""
-        if not (self.recovery / STATE_FILE).is_file():
-            return self.last
-        if not (self.last / STATE_FILE).is_file():
-            return self.recovery  # killed during the first epoch
-        done = self.load_state(self.last)["epoch"]
-        at = self.load_state(self.recovery)["epoch"]
-        return self.recovery if at >= done else self.last
+    def resume_state(self) -> tuple[Path, dict[str, Any]]:
+        """Where to resume and its checked state: ``recovery/`` when it is ahead of ``last/`` (a mid-epoch
+        point of the epoch after it), else ``last/``. Read once per run: a state file holds the whole
+        optimizer state, and the checks, the tree and the restore all need it."""
+        if self._resume is None:
+            if not (self.recovery / STATE_FILE).is_file():
+                self._resume = (self.last, self.load_state(self.last))
+            elif not (self.last / STATE_FILE).is_file():
+                self._resume = (self.recovery, self.load_state(self.recovery))  # killed during the first epoch
+            else:
+                done, at = self.load_state(self.last), self.load_state(self.recovery)
+                self._resume = (self.recovery, at) if at["epoch"] >= done["epoch"] else (self.last, done)
+        return self._resume
 
     def check_new(self) -> bool:
         """A new run may write here. True when the folder holds a run killed before its first
@@ -192,7 +197,7 @@ class RunDir:
             raise HeadsurgeonError(f"cannot resume '{self}': it has no {LAST}/{STATE_FILE} or {RECOVERY}/{STATE_FILE} "
                                    f"(no finished epoch or recovery point)"
                                    + ("; start it over without --resume" if self.restartable() else ""))
-        self.load_state(self.resume_point())
+        self.resume_state()
         storage.check_writable(self.path)
 
     @contextmanager

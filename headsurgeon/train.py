@@ -227,7 +227,7 @@ def build(recipe: R.Recipe, name: str = "run", output: str | None = None, resume
     run_dir = _run_dir(r, name, output, resume, proc, log)
     random_seed(r.seed, proc.rank)
     splits = D.splits(r)
-    tree = HeadTree.load(run_dir.resume_point()) if resume else tree_for(r, splits.num_classes)
+    tree = HeadTree.load(run_dir.resume_state()[0]) if resume else tree_for(r, splits.num_classes)
     if proc.primary:  # only after everything that can refuse the input: a bad recipe writes nothing
         run_dir.lock()
         run_dir.clean_partial()
@@ -308,8 +308,7 @@ def _unwrapped(module: Any) -> Any:
 
 def restore(run: Run) -> None:
     """Continue from ``last/``: optimizer, schedule, scaler, EMA, the objective's modules, RNG, history."""
-    point = run.dir.resume_point()
-    s = run.dir.load_state(point)
+    point, s = run.dir.resume_state()
     run.optimizer.load_state_dict(s["optimizer"])
     extended = s.get("epochs", run.recipe.epochs) != run.recipe.epochs
     if run.scheduler is not None and not extended:
