@@ -143,20 +143,53 @@ class HeadTree(nn.Module):
         self.rescale = spec.rescale
         self.owns_input = list(spec.owns_input or [False] * len(self.levels))
         self.grad_checkpointing = False
+        self._pieces: list[tuple[nn.Module, list[nn.Module]]] = []  # set_grad_checkpointing's
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute every segment (trunk and branches) in the backward pass instead of keeping its
-        activations: the memory of a tree then grows with its segments' outputs, not their insides.
+        """Recompute every segment (trunk and branches) in the backward pass, one block at a time,
+        instead of keeping its activations: the forward pass keeps only the values that cross block
+        boundaries, and the backward pass holds one block's insides at a time (as timm's own
+        ``checkpoint_seq`` does). A segment without blocks, one with hooks, or one whose blocks write
+        into their inputs is recomputed whole (:mod:`headsurgeon.recompute`).
 
-        As with timm's own ``set_grad_checkpointing``, batch-norm running statistics are updated again
-        by the recomputation (gradients are unchanged)."""
+        Call it after replacing submodules (e.g. ``convert_sync_batchnorm``): the per-block pieces
+        hold the segments' submodules as they are now. As with timm's own ``set_grad_checkpointing``,
+        batch-norm running statistics are updated again by the recomputation (gradients are unchanged)."""
         self.grad_checkpointing = enable
+        self._pieces = self._block_pieces() if enable else []
+
+    def _block_pieces(self) -> list[tuple[nn.Module, list[nn.Module]]]:
+        """(segment, its pieces) for every segment that has blocks and whose blocks leave their inputs alone.
+        Probed once with a seeded batch at the spec's input size, in eval mode, without gradients or RNG use."""
+        from . import recompute
+
+        split_ = [(seg, recompute.pieces(seg)) for segs in self.levels for seg in segs]
+        inputs: dict[int, tuple] = {}
+
+        def keep(m: nn.Module, args: tuple) -> None:
+            inputs.setdefault(id(m), tree_map_only(torch.Tensor, torch.clone, args))
+
+        hooks = [seg.register_forward_pre_hook(keep) for seg, parts in split_ if parts]
+        p = next(iter(self.parameters()))
+        try:
+            with verify.eval_mode(self), torch.no_grad(), torch.random.fork_rng(
+                    devices=[p.device] if p.device.type == "cuda" else []):
+                self(verify.probe(self.spec.input_size or (3, 224, 224), 0, self))
+                return [(seg, parts) for seg, parts in split_
+                        if parts and not recompute.mutates_input(parts, *inputs[id(seg)])]
+        finally:
+            for h in hooks:
+                h.remove()
 
     def _run(self, seg: nn.Module, *args: Any) -> Any:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            from . import recompute
             from torch.utils.checkpoint import checkpoint
 
-            return checkpoint(seg, *args, use_reentrant=False)
+            parts = next((parts for owner, parts in self._pieces if owner is seg), None)
+            if parts is None or seg._forward_hooks or seg._forward_pre_hooks:  # hooks see the segment's call
+                return checkpoint(seg, *args, use_reentrant=False)
+            return recompute.run(parts, *args)
         return seg(*args)
 
     @property
