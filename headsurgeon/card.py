@@ -125,24 +125,27 @@ def build_card(spec: SplitSpec, head: int, *, summary: Mapping[str, Any] | None 
             demo's), shown beside this head and in the evaluation results as not this model.
     """
     r = flatten(dict(recipe), "recipe") if recipe else {}
-    arch = spec.architecture
-    model_args = dict(spec.model_args)
+    peer = spec.peer(head)  # this head's own model (heterogeneous peers: one of several architectures)
+    arch, pretrained_cfg = peer.architecture, peer.pretrained_cfg
+    model_args = dict(peer.model_args)
     num_classes = (summary or {}).get("num_classes") or model_args.get("num_classes") \
-        or spec.pretrained_cfg.get("num_classes")
+        or pretrained_cfg.get("num_classes")
     size = list(spec.input_size) if spec.input_size else None
     if r.get("data.img_size"):  # a run: the size it was trained and evaluated at
         size = [(size or [3])[0], r["data.img_size"], r["data.img_size"]]
     dataset = r.get("data.dataset")
     hub_ds = hub_dataset(dataset)
     license_ = "apache-2.0"
-    if r.get("pretrained") and spec.pretrained_cfg.get("license"):
-        license_ = spec.pretrained_cfg["license"]
+    if r.get("pretrained") and pretrained_cfg.get("license"):
+        license_ = pretrained_cfg["license"]
 
     from huggingface_hub import ModelCardData
 
-    base_model = spec.pretrained_cfg.get("hf_hub_id") if r.get("pretrained") else None
+    base_model = pretrained_cfg.get("hf_hub_id") if r.get("pretrained") else None
     block = {"version": __version__, "architecture": arch, "head": int(head), "heads": spec.heads,
              "trained": summary is not None, "files": dict(files or {})}
+    if spec.peers:
+        block["peers"] = [p.architecture for p in spec.peers]
     data = ModelCardData(
         library_name="timm", license=license_, pipeline_tag=TASK,
         tags=[TASK, "timm", "headsurgeon", "collaborative-learning"],
@@ -191,8 +194,16 @@ def build_card(spec: SplitSpec, head: int, *, summary: Mapping[str, Any] | None 
         + f"; gradient rescaling at the forks {'on' if spec.rescale else 'off (ablation)'}"
         + f"; branch initialisation `{spec.branch_init}`"
         + (f", seed {spec.seed}" if spec.seed is not None else "") + ".")
-    add("  A split point is the first module each branch owns; every head is a complete "
-        f"`{arch}` that shares the layers before its split points with its siblings.")
+    if spec.peers:
+        add(f"- **Peers:** this is head {head}, a `{arch}`, of {spec.heads} heterogeneous peers, each a whole model of "
+            f"its own architecture that shares only the input with the others: "
+            + ", ".join(f"head {h} `{p.architecture}`" + (" (this model)" if h == head else "")
+                        for h, p in enumerate(spec.peers))
+            + "." + (f" All were trained on one preprocessing: head 0's (`{spec.architecture}`) pretrained config "
+                     f"with the recipe's data settings, which this export's config.json carries." if r else ""))
+    else:
+        add("  A split point is the first module each branch owns; every head is a complete "
+            f"`{arch}` that shares the layers before its split points with its siblings.")
     objective = (summary or {}).get("objective")
     if isinstance(objective, Mapping) and objective.get("name"):
         name = objective["name"]

@@ -37,16 +37,33 @@ def _one_line_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def _parse_kwargs(pairs: tuple[str, ...]) -> dict[str, Any]:
+def _parse_kwargs(pairs: tuple[str, ...], peers: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+    """``--model-kwargs K=V`` for every model, and ``I:K=V`` for peer ``I`` of a list of ``peers`` models."""
     import yaml
 
     out: dict[str, Any] = {}
+    per: list[dict[str, Any]] = [{} for _ in range(peers)]
     for pair in (p for item in pairs for p in item.split()):
         key, eq, value = pair.partition("=")
-        if not eq or not key.isidentifier():
-            raise HeadsurgeonError(f"--model-kwargs expects key=value pairs, got '{pair}' (e.g. --model-kwargs drop_path_rate=0.1)")
-        out[key] = yaml.safe_load(value)
-    return out
+        index, colon, key = key.rpartition(":")
+        if not eq or not key.isidentifier() or (colon and not index.isdigit()):
+            raise HeadsurgeonError(f"--model-kwargs expects key=value pairs, got '{pair}' (e.g. --model-kwargs "
+                                   f"drop_path_rate=0.1, or 1:drop_rate=0.2 for the second of a list of models)")
+        if colon and int(index) >= peers:
+            raise HeadsurgeonError(f"--model-kwargs {pair}: " + (f"there are peers 0..{peers - 1}" if peers else
+                                   "I:key=value is for one of a list of models (MODEL1,MODEL2); give key=value"))
+        (per[int(index)] if colon else out)[key] = yaml.safe_load(value)
+    return out, (per if peers else None)
+
+
+def _models(model: str) -> str | list[str]:
+    """``a,b`` is a list of models (heterogeneous peers), anything else one model name."""
+    if "," not in model:
+        return model
+    names = [m.strip() for m in model.split(",")]
+    if any(not m for m in names):
+        raise HeadsurgeonError(f"'{model}' has an empty model name; list the models as MODEL1,MODEL2")
+    return names
 
 
 def _int_list(value: str | None, what: str, example: str = "2,2") -> list[int] | None:
@@ -88,19 +105,26 @@ def main() -> None:
 @click.argument("model")
 @click.option("--all", "all_paths", is_flag=True, help="List every module path, not only the top two levels.")
 @click.option("--num-classes", type=int, default=None, help="Classifier size (changes the head's parameters).")
-@click.option("--model-kwargs", multiple=True, metavar="K=V", help="Extra timm.create_model kwargs, e.g. img_size=64.")
+@click.option("--model-kwargs", multiple=True, metavar="K=V", help="Extra timm.create_model kwargs, e.g. img_size=64 "
+              "(I:K=V: only for model I of a list).")
 @click.option("--input-size", default=None, metavar="C,H,W", help="Input size for shapes and FLOPs (default: the model's).")
 @_one_line_errors
 def nodes(model: str, all_paths: bool, num_classes: int | None, model_kwargs: tuple[str, ...], input_size: str | None) -> None:
     """List the candidate split points of MODEL (timm feature_info modules first) with the output
-    shape there and the parameters and FLOPs a branch forked there would own."""
+    shape there and the parameters and FLOPs a branch forked there would own. For a list of models
+    (MODEL1,MODEL2: heterogeneous peers, which split only at the input), compare them instead: size,
+    classes, input and the preprocessing each was made for."""
     from .models import create, default_input_size
     from .points import split_points
 
-    kwargs = _parse_kwargs(model_kwargs)
+    names = _models(model)
+    kwargs, per = _parse_kwargs(model_kwargs, len(names) if isinstance(names, list) else 0)
     if _num_classes(num_classes) is not None:
         kwargs["num_classes"] = num_classes
     given = _input_size(input_size)
+    if isinstance(names, list):
+        _peers_table(names, kwargs, per or [], given)
+        return
     m = create(model, kwargs)
     size = given or list(default_input_size(m))
     points, params, flops = split_points(m, size, all_paths=all_paths)
@@ -116,10 +140,41 @@ def nodes(model: str, all_paths: bool, num_classes: int | None, model_kwargs: tu
         click.echo(f"{p.name:<34} {p.shape:<22} {human(p.branch_params):>8} {frac:>5} {human(p.branch_flops):>13}")
 
 
+def _peers_table(names: list[str], kwargs: dict[str, Any], per: list[dict[str, Any]], size: list[int] | None) -> None:
+    """``headsurgeon nodes A,B``: what each peer is and whether they fit in one tree."""
+    import torch
+
+    from .models import create, default_input_size, num_classes
+    from .points import count_flops
+
+    ms = [create(n, {**kwargs, **k}) for n, k in zip(names, per)]
+    shape = size or list(default_input_size(ms[0]))
+    click.echo(f"{len(names)} peers (split them only at the input: headsurgeon split {','.join(names)} --at input); "
+               f"FLOPs per image at {'x'.join(map(str, shape))}, the first peer's input size unless --input-size")
+    click.echo(f"{'head':<5}{'model':<30} {'params':>8} {'FLOPs':>8} {'classes':>8}  {'own input':<12} preprocessing")
+    problems = []
+    for h, (n, m) in enumerate(zip(names, ms)):
+        cfg = m.pretrained_cfg
+        try:
+            flops = human(count_flops(m.eval(), torch.zeros(1, *shape)))
+        except Exception as e:  # a peer that cannot take the shared input: split would refuse it
+            flops = "fails"
+            problems.append(f"{n} fails on {'x'.join(map(str, shape))} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120] if str(e) else ''})")
+        prep = f"mean {cfg.get('mean')}, std {cfg.get('std')}, {cfg.get('interpolation')}"
+        click.echo(f"{h:<5}{n:<30} {human(sum(p.numel() for p in m.parameters())):>8} {flops:>8} "
+                   f"{num_classes(m)!s:>8}  {'x'.join(map(str, default_input_size(m))):<12} {prep}")
+    problems += [f"different {what} ({', '.join(map(str, vals))})" for what, vals in (
+        ("classifier sizes", [num_classes(m) for m in ms]), ("input channels", [default_input_size(m)[0] for m in ms]))
+        if len(set(vals)) > 1]
+    click.echo("a tree of these peers is trained on the first peer's preprocessing (recipe data.mean/std override it)"
+               + (f"; split would refuse them: {'; '.join(problems)}" if problems else ""))
+
+
 @main.command("split")
 @click.argument("model")
 @click.option("--at", "at", required=True, help="Split points in forward order, comma-separated (e.g. layer3,layer4; 'input' = independent instances).")
-@click.option("--heads", type=int, required=True, help="Number of heads (leaves of the tree).")
+@click.option("--heads", type=int, default=None, help="Number of heads (leaves of the tree); with a list of models, its length.")
 @click.option("--fanout", default=None, metavar="F1,F2", help="Children per fork at each split point; product = heads. Default: balanced.")
 @click.option("--num-classes", type=int, default=None, help="Classifier size passed to timm.create_model.")
 @click.option("--no-rescale", is_flag=True, help="Leave out the gradient-rescaling op at the forks (the paper's ablation).")
@@ -128,22 +183,28 @@ def nodes(model: str, all_paths: bool, num_classes: int | None, model_kwargs: tu
                    "pretrained: copy the pretrained weights, draw the rest (default with --pretrained/--weights).")
 @click.option("--pretrained", is_flag=True, help="Start from timm's pretrained weights (needs them downloadable or cached).")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Start from a local safetensors or timm checkpoint.")
-@click.option("--model-kwargs", multiple=True, metavar="K=V", help="Extra timm.create_model kwargs, e.g. drop_path_rate=0.1.")
+@click.option("--model-kwargs", multiple=True, metavar="K=V", help="Extra timm.create_model kwargs, e.g. drop_path_rate=0.1 "
+              "(I:K=V: only for model I of a list, e.g. 0:stem_width=16).")
 @click.option("--seed", type=int, default=None, help="Seed of the independent branch initialisation.")
 @click.option("--input-size", default=None, metavar="C,H,W", help="Probe input size for verification (default: the model's).")
 @click.option("-o", "--output", default=None, type=click.Path(file_okay=False), help="Output directory (default ./<model>-tree).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @_one_line_errors
-def split_cmd(model: str, at: str, heads: int, fanout: str | None, num_classes: int | None, no_rescale: bool,
+def split_cmd(model: str, at: str, heads: int | None, fanout: str | None, num_classes: int | None, no_rescale: bool,
               branch_init: str | None, pretrained: bool, weights: str | None, model_kwargs: tuple[str, ...],
               seed: int | None, input_size: str | None, output: str | None, overwrite: bool) -> None:
-    """Split MODEL into a tree of heads and write it to a directory (spec.json + tree.safetensors)."""
+    """Split MODEL into a tree of heads and write it to a directory (spec.json + tree.safetensors).
+    MODEL1,MODEL2,... (with --at input) makes heterogeneous peers: head i is the whole of model i."""
     from .storage import check_output, check_space
     from .tree import split
 
     if pretrained and weights:
         raise HeadsurgeonError("--pretrained and --weights both give starting weights; use one of them")
-    kwargs = _parse_kwargs(model_kwargs)
+    names = _models(model)
+    if heads is None and not isinstance(names, list):
+        raise HeadsurgeonError("--heads is required for one model: the number of heads, e.g. --heads 4 "
+                               "(a list of models MODEL1,MODEL2 gives one head each)")
+    kwargs, per = _parse_kwargs(model_kwargs, len(names) if isinstance(names, list) else 0)
     if _num_classes(num_classes) is not None:
         kwargs["num_classes"] = num_classes
     if pretrained:
@@ -151,8 +212,8 @@ def split_cmd(model: str, at: str, heads: int, fanout: str | None, num_classes: 
     size = _input_size(input_size)
     out = Path(output or f"{_safe_name(model)}-tree")
     check_output(out, overwrite)
-    tree = split(model, at=at, heads=heads, fanout=_int_list(fanout, "--fanout"), rescale=not no_rescale,
-                 branch_init=branch_init, weights=weights, seed=seed, input_size=size, **kwargs)
+    tree = split(names, at=at, heads=heads, fanout=_int_list(fanout, "--fanout"), rescale=not no_rescale,
+                 branch_init=branch_init, weights=weights, seed=seed, input_size=size, peer_kwargs=per, **kwargs)
     cost = tree.cost()
     check_space(out, tree.nbytes())  # say the size first; refuse what the disk cannot hold
     click.echo(f"writing {out}: {human(tree.nbytes(), 'B')} of weights ({tree.num_heads} heads)")
@@ -161,10 +222,17 @@ def split_cmd(model: str, at: str, heads: int, fanout: str | None, num_classes: 
                f"(fan-out {','.join(map(str, tree.fanout))}, rescale {'on' if tree.rescale else 'off'}, "
                f"branch init {tree.spec.branch_init}); cut verified against the eager model")
     click.echo(tree.describe())
-    click.echo(f"parameters: tree {human(cost['tree_params'])} vs model {human(cost['base_params'])} "
-               f"({cost['tree_params'] / max(cost['base_params'], 1):.2f}x); FLOPs per image: tree "
-               f"{human(cost['tree_flops'])} vs model {human(cost['base_flops'])} "
-               f"({cost['tree_flops'] / max(cost['base_flops'], 1):.2f}x)")
+    if tree.spec.peers:
+        heads_cost = [tree.cost(head=h) for h in range(tree.num_heads)]
+        click.echo(f"parameters: tree {human(cost['tree_params'])}, FLOPs per image: tree {human(cost['tree_flops'])}; "
+                   "per head: " + ", ".join(f"{h} {p.architecture} {human(c['base_params'])} / {human(c['base_flops'])}"
+                                             for h, (p, c) in enumerate(zip(tree.spec.peers, heads_cost))))
+        click.echo(f"preprocessing (mean/std/interpolation) is the first peer's, {tree.spec.architecture}'s")
+    else:
+        click.echo(f"parameters: tree {human(cost['tree_params'])} vs model {human(cost['base_params'])} "
+                   f"({cost['tree_params'] / max(cost['base_params'], 1):.2f}x); FLOPs per image: tree "
+                   f"{human(cost['tree_flops'])} vs model {human(cost['base_flops'])} "
+                   f"({cost['tree_flops'] / max(cost['base_flops'], 1):.2f}x)")
     click.echo(f"wrote {out}")
 
 

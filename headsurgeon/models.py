@@ -52,11 +52,13 @@ def create(name: str, kwargs: dict[str, Any] | None = None, pretrained: bool = F
         raise HeadsurgeonError(f"cannot create '{name}': {type(e).__name__}: {first}") from None
 
 
-def model_from_spec(spec: SplitSpec) -> nn.Module:
-    """A fresh ``timm.create_model(spec.architecture, **spec.model_args)`` carrying the source's ``pretrained_cfg``."""
-    model = create(spec.architecture, dict(spec.model_args))
-    if spec.pretrained_cfg:
-        model.pretrained_cfg = model.default_cfg = dict(spec.pretrained_cfg)
+def model_from_spec(spec: SplitSpec, head: int = 0) -> nn.Module:
+    """A fresh ``timm.create_model(architecture, **model_args)`` of head ``head``'s model (``spec.peer(head)``:
+    the same for every head unless the tree has heterogeneous peers), carrying its ``pretrained_cfg``."""
+    peer = spec.peer(head)
+    model = create(peer.architecture, dict(peer.model_args))
+    if peer.pretrained_cfg:
+        model.pretrained_cfg = model.default_cfg = dict(peer.pretrained_cfg)
     return model
 
 
@@ -156,6 +158,12 @@ def no_weight_decay(m: nn.Module) -> set[str]:
         return set()
     names = set(fn())
     return {n for n, _ in m.named_parameters() if n in names or any(n.startswith(p + ".") for p in names)}
+
+
+def num_classes(m: nn.Module) -> int | None:
+    """The classifier's output size (timm models say so in ``num_classes``)."""
+    n = getattr(m, "num_classes", None)
+    return n if isinstance(n, int) else (getattr(m, "pretrained_cfg", None) or {}).get("num_classes")
 
 
 def default_input_size(m: nn.Module) -> tuple[int, ...]:

@@ -77,7 +77,8 @@ def collapse_dir(source: str | Path | None, head: int | None, output: str | Path
     export(model, out, label_names=names, overwrite=overwrite, data_config=data_cfg,
            card=card_writer(tree.spec, head, summary=run, recipe=recipe.nested() if recipe else None,
                             label_names=names, num_params=sum(p.numel() for p in model.parameters())))
-    log(f"head {head} of {src} -> {tree.spec.architecture} with {tree.spec.model_args}; "
+    peer = tree.spec.peer(head)
+    log(f"head {head} of {src} -> {peer.architecture} with {peer.model_args}; "
         f"logits verified equal to the tree's and to the reloaded export"
         + (f"; preprocessing {data_cfg['input_size'][1]}px, crop {data_cfg['crop_pct']} in config.json" if data_cfg else ""))
     return out, head

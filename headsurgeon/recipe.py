@@ -59,6 +59,11 @@ def _csv(value: Any) -> Any:
     return [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
 
 
+def _peer_list(value: Any) -> Any:
+    """``--set model=resnet18,mobilenetv3_small_100`` is a convenience for the list of peers."""
+    return [p.strip() for p in value.split(",")] if isinstance(value, str) and "," in value else value
+
+
 Prob = Annotated[float, Field(ge=0, le=1)]
 Pair = Annotated[list[float], Field(min_length=2, max_length=2)]
 Stats = Annotated[list[float], Field(min_length=1)]
@@ -216,9 +221,14 @@ class LogCfg(_Section):
 class Recipe(_Section):
     """One training run: the model and its split, data, loss, optimizer, schedule and runtime."""
 
-    model: str | None = Field("resnet10t", description="timm model name")
-    model_kwargs: dict[str, Any] = Field({"channels": [32, 64, 128, 256], "stem_width": 16},
-                                         description="extra timm.create_model kwargs")
+    model: Annotated[str | list[Annotated[str, Field(min_length=1)]] | None, BeforeValidator(_peer_list)] = Field(
+        "resnet10t", description="timm model name, or a list of them: heterogeneous peers, head i the whole of model i, "
+        "split at the input (split.at defaults to [input] and split.heads to the list's length; the data "
+        "preprocessing is the first model's; docs/concepts.md, Heterogeneous peers)")
+    model_kwargs: dict[str, Any] | list[dict[str, Any]] = Field(
+        {"channels": [32, 64, 128, 256], "stem_width": 16},
+        description="extra timm.create_model kwargs; with a list of models, one mapping for every model or a list "
+        "of one mapping per model")
     pretrained: bool = Field(False, description="start from timm's pretrained weights")
     weights: str | None = Field(None, description="local safetensors / timm checkpoint to start from")
     tree: str | None = Field(None, description="a tree directory written by `headsurgeon split` (instead of model + split)")
@@ -268,12 +278,44 @@ class Recipe(_Section):
     def _ema(cls, v: Any) -> Any:
         return EMA_DEFAULT if v is True else v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _peers_split(cls, data: Any) -> Any:
+        """A list of models forks at the input, one head each: what split.at and split.heads default to."""
+        if isinstance(data, dict) and isinstance(_peer_list(data.get("model")), list):
+            split = data.get("split", {})
+            if isinstance(split, dict):
+                data = {**data, "split": {"at": ["input"], "heads": len(_peer_list(data["model"])), **split}}
+        return data
+
     @model_validator(mode="after")
     def _together(self) -> "Recipe":
         """The checks that involve several keys."""
         d = self.data
         if self.tree is None and not self.model:
             raise ValueError("give 'model' (with 'split') or 'tree' (a directory from `headsurgeon split`)")
+        if isinstance(self.model, list):
+            n, s = len(self.model), self.split
+            if n < 2:
+                raise ValueError(f"'model' lists {n} model(s); a list is heterogeneous peers, one per head: list two "
+                                 f"or more, or give one name")
+            if s.at != ["input"]:
+                raise ValueError(f"'model' lists {n} models, peers that share only the input: 'split.at' must be "
+                                 f"[input] (or left out), got {s.at}")
+            if s.heads != n:
+                raise ValueError(f"'split.heads' is {s.heads} but 'model' lists {n} models, one per head; leave "
+                                 f"split.heads out or list {s.heads} models")
+            if s.fanout not in (None, [n]):
+                raise ValueError(f"'split.fanout' is {s.fanout}; {n} peers fork once at the input (leave it out)")
+            if s.branch_init == "copy":
+                raise ValueError("'split.branch_init' copy does not apply to peers of different models (leave it out)")
+            if self.weights:
+                raise ValueError("'weights' is one checkpoint for one model; peers of different models cannot share it")
+            if isinstance(self.model_kwargs, list) and len(self.model_kwargs) != n:
+                raise ValueError(f"'model_kwargs' lists {len(self.model_kwargs)} mappings for {n} models; give one "
+                                 f"per model, or one mapping for all of them")
+        elif isinstance(self.model_kwargs, list):
+            raise ValueError("'model_kwargs' is a list (one mapping per model) but 'model' is one name; give a mapping")
         if self.pretrained and self.weights:
             raise ValueError("'pretrained' and 'weights' both give starting weights; use one of them")
         if d.folds is not None and d.dataset != "digits":

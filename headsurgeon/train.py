@@ -183,13 +183,14 @@ def tree_for(recipe: R.Recipe, classes: int) -> HeadTree:
             raise HeadsurgeonError(f"tree '{r.tree}' has {have} classes but dataset '{r.data.dataset}' has "
                                    f"{classes}; re-split with --num-classes {classes}")
         return tree
-    kwargs = dict(r.model_kwargs, num_classes=classes)
+    per = r.model_kwargs if isinstance(r.model_kwargs, list) else None  # one mapping per peer
+    kwargs = dict(r.model_kwargs if per is None else {}, num_classes=classes)
     if r.pretrained:
         kwargs["pretrained"] = True
     size = r.data.img_size
     return split(r.model, at=r.split.at, heads=r.split.heads, fanout=r.split.fanout, rescale=r.split.rescale,
-                 branch_init=r.split.branch_init, weights=r.weights, seed=r.seed,
-                 input_size=(kwargs.get("in_chans", 3), size, size), **kwargs)
+                 branch_init=r.split.branch_init, weights=r.weights, seed=r.seed, peer_kwargs=per,
+                 input_size=({**kwargs, **(per or [{}])[0]}.get("in_chans", 3), size, size), **kwargs)
 
 
 def _fork_features(tree: HeadTree, data_cfg: dict[str, Any]) -> tuple[dict[str, Any], int]:
@@ -531,7 +532,7 @@ def fit(run: Run, stop_after: int | None = None) -> dict[str, Any]:
     r, proc = run.recipe, run.proc
     if proc.primary:  # a resumed run's recipe differs at most in resume-free keys or a longer `epochs`
         run.dir.write_recipe(r)
-    run.log(f"training {run.tree.num_heads} heads of {run.tree.spec.architecture} on {run.splits.sizes()} samples "
+    run.log(f"training {run.tree.num_heads} heads of {run.tree.spec.label} on {run.splits.sizes()} samples "
             f"({run.splits.num_classes} classes) on {proc.device}" + (f" x {proc.world} processes" if proc.distributed
                                                                          else "") + f"; run dir {run.dir}")
     end = r.epochs if stop_after is None else min(r.epochs, run.start + stop_after)

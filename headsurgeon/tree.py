@@ -9,6 +9,7 @@ weights of one root-to-leaf path load into the original timm class unchanged.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 from torchvision.models.feature_extraction import DualGraphModule
 
 from . import models, verify
-from .cut import cut_graph, feature_points, point_names, resolve_all
+from .cut import INPUT, cut_graph, feature_points, point_names, resolve_all
 from .errors import HeadsurgeonError
 from .storage import atomic_dir, sha256_file
 from .trace import trace
@@ -34,7 +35,8 @@ from .version import __version__
 SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "tree.safetensors"
 CHECKSUM_FILE = "tree.safetensors.sha256"
-FORMAT = 1
+FORMAT = 1  # what a tree of one architecture writes (headsurgeon before peers reads it)
+PEERS_FORMAT = 2  # what a tree of heterogeneous peers writes: older versions say "upgrade", not a key error
 BranchInit = Literal["independent", "copy", "pretrained"]
 # independent: every cloned copy draws timm's own init; copy: exact copies; pretrained (the default
 # when split() starts from pretrained weights): copy what was pretrained, draw the rest per copy.
@@ -73,11 +75,34 @@ def fork(values: Any, scale: float, own: bool) -> Any:
 
 # ------------------------------------------------------------------------------- the spec
 
+class Peer(BaseModel):
+    """One head's model: what timm creates to rebuild or collapse that head.
+
+    A tree of one architecture has one (the spec's own fields, :meth:`SplitSpec.peer`); a tree of
+    heterogeneous peers (split at ``input``) records one per head in ``SplitSpec.peers``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    architecture: str = Field(min_length=1)  # registered timm name, what collapse creates
+    model_args: dict[str, Any] = {}  # kwargs for timm.create_model(architecture, ...)
+    source: Optional[str] = None  # the name split() was given (None: a module)
+    pretrained_cfg: dict[str, Any] = {}
+    no_weight_decay: tuple[str, ...] = ()  # parameter names timm's optimizer does not decay
+    unused: tuple[str, ...] = ()  # weights no node reads, kept for the strict reload
+
+
+PEER_FIELDS: tuple[str, ...] = tuple(Peer.model_fields)
+
+
 class SplitSpec(BaseModel):
     """Everything needed to rebuild a tree from timm: what ``spec.json`` holds.
 
     Immutable and validated; ``to_json``/``from_json`` round-trip it. ``HeadTree.load`` rebuilds
-    the model with ``models.model_from_spec`` and cuts it again at ``at``.
+    the model with ``models.model_from_spec`` and cuts it again at ``at``. The top-level model
+    fields (``architecture`` ... ``unused``) describe head 0's model; a tree of heterogeneous peers
+    also lists every head's in ``peers`` (the first equal to the top level, which also decides the
+    tree's data config: its ``pretrained_cfg``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
@@ -98,6 +123,7 @@ class SplitSpec(BaseModel):
     leaf_modules: tuple[str, ...] = ()  # extra leaf classes as module:QualName
     owns_input: Optional[tuple[StrictBool, ...]] = None  # per level: mutates its input (None: probe at load)
     versions: dict[str, str] = {}
+    peers: tuple[Peer, ...] = ()  # one per head when the heads are different models (empty: all are the above)
     format: StrictInt = FORMAT
 
     @model_validator(mode="after")
@@ -106,10 +132,37 @@ class SplitSpec(BaseModel):
             raise ValueError(f"fanout {list(self.fanout)} does not match {len(self.at)} split point(s) and {self.heads} heads")
         if self.owns_input is not None and len(self.owns_input) != len(self.at) + 1:
             raise ValueError(f"owns_input needs one flag per level ({len(self.at) + 1})")
+        if self.peers:
+            if self.at != ("input",) or len(self.peers) != self.heads:
+                raise ValueError(f"peers need at ['input'] and one peer per head; got at {list(self.at)}, "
+                                 f"{len(self.peers)} peers, {self.heads} heads")
+            if self.peers[0] != self._own():
+                raise ValueError("peers[0] must repeat the top-level model fields (architecture ... unused)")
+            if self.format < PEERS_FORMAT:
+                raise ValueError(f"a spec with peers has format {PEERS_FORMAT}")
         return self
 
+    def _own(self) -> Peer:
+        return Peer(**{k: getattr(self, k) for k in PEER_FIELDS})
+
+    @property
+    def hetero(self) -> bool:
+        """Whether the heads are models of their own (heterogeneous peers), not copies of one model's branches."""
+        return bool(self.peers)
+
+    def peer(self, head: int) -> Peer:
+        """The model head ``head`` collapses into (every head's is the same unless the tree has peers)."""
+        return self.peers[head] if self.peers else self._own()
+
+    @property
+    def label(self) -> str:
+        """The model, or the peers' models, by name: ``resnet18`` or ``resnet18 + mobilenetv3_small_100``."""
+        return " + ".join(p.architecture for p in self.peers) if self.peers else self.architecture
+
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+        # one model's spec leaves ``peers`` out: it reads as format 1, as headsurgeon before peers wrote it
+        return json.dumps(self.model_dump(mode="json", exclude={"peers"} if not self.peers else None),
+                          indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, where: str = "spec") -> "SplitSpec":
@@ -120,7 +173,7 @@ class SplitSpec(BaseModel):
             raise HeadsurgeonError(f"'{where}' is unreadable (JSONDecodeError: {e}); re-create the tree") from None
         if not isinstance(raw, dict):
             raise HeadsurgeonError(f"'{where}' is unreadable (not a JSON object); re-create the tree")
-        if isinstance(raw.get("format"), int) and raw["format"] > FORMAT:
+        if isinstance(raw.get("format"), int) and raw["format"] > PEERS_FORMAT:
             raise HeadsurgeonError(f"'{where}' was written by a newer headsurgeon (format {raw['format']}); upgrade")
         try:
             return cls.model_validate(raw)
@@ -229,12 +282,22 @@ class HeadTree(nn.Module):
     @property
     def has_unused_parameters(self) -> bool:
         """True when the model registers weights its forward never reads (DDP must be told)."""
-        return bool(self.spec.unused)
+        return any(p.unused for p in (self.spec.peers or [self.spec]))
+
+    def _peer_of(self, name: str) -> tuple[int, str]:
+        """The peer a tree parameter name (``levels.L.J.<timm name>``) belongs to, and its timm name."""
+        _, level, copy_, timm_name = name.split(".", 3)
+        return (int(copy_) if self.spec.peers and level != "0" else 0), timm_name
 
     def no_weight_decay(self) -> set[str]:
         """Tree names of the source model's no-weight-decay parameters (read by timm's optimizer)."""
-        base = set(self.spec.no_weight_decay)
-        return {n for n, _ in self.named_parameters() if n.split(".", 3)[3] in base}  # levels.L.J.<timm name>
+        base = [set(self.spec.peer(h).no_weight_decay) for h in range(len(self.spec.peers) or 1)]
+        out = set()
+        for name, _ in self.named_parameters():
+            i, timm_name = self._peer_of(name)
+            if timm_name in base[i]:
+                out.add(name)
+        return out
 
     def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
         """The source model's layer groups for tree parameter names (timm's layer-wise lr decay).
@@ -242,17 +305,44 @@ class HeadTree(nn.Module):
         Every copy of a branch parameter gets the layer id of its timm name in the original model,
         so ``create_optimizer_v2(tree, layer_decay=...)`` scales the tree like the model it came from.
         The source is built on the meta device: only its names and its own ``group_matcher`` are read.
+        Heterogeneous peers have different depths: each peer's layer ids are shifted so that its last
+        group (the classifier) is the tree's last, i.e. every peer decays from its own head down.
         """
         from timm.models import group_parameters
 
-        with torch.device("meta"):
-            source = models.model_from_spec(self.spec)
-        if not hasattr(source, "group_matcher"):
-            raise HeadsurgeonError(f"optim.layer_decay needs layer groups; timm's {self.spec.architecture} defines no "
-                                   f"group_matcher (drop optim.layer_decay)")
-        layer_of = group_parameters(source, source.group_matcher(coarse=coarse), reverse=True)
-        last = max(layer_of.values(), default=0)
-        return lambda name: layer_of.get(name.split(".", 3)[3], last)  # levels.L.J.<timm name>
+        layer_of = []
+        for h in range(len(self.spec.peers) or 1):
+            with torch.device("meta"):
+                source = models.model_from_spec(self.spec, h)
+            if not hasattr(source, "group_matcher"):
+                raise HeadsurgeonError(f"optim.layer_decay needs layer groups; timm's {self.spec.peer(h).architecture} "
+                                       f"defines no group_matcher (drop optim.layer_decay)")
+            layer_of.append(group_parameters(source, source.group_matcher(coarse=coarse), reverse=True))
+        lasts = [max(m.values(), default=0) for m in layer_of]
+        shift = [max(lasts) - last for last in lasts]
+
+        def layer(name: str) -> int:
+            i, timm_name = self._peer_of(name)
+            return layer_of[i].get(timm_name, lasts[i]) + shift[i]
+
+        return layer
+
+    def classifier(self, head: int) -> nn.Module:
+        """Head ``head``'s classifier (the module timm's ``pretrained_cfg['classifier']`` names) in its last
+        segment: its input is the head's pre-logits features, which training reads with a forward pre-hook."""
+        self.path(head)  # validates the index
+        names = self.spec.pretrained_cfg.get("classifier") or ()
+        leaf = self.levels[-1][head]
+        found = []
+        for name in [names] if isinstance(names, str) else names:
+            try:
+                found.append(leaf.get_submodule(name))
+            except AttributeError:
+                pass
+        if len(found) != 1:
+            raise HeadsurgeonError(f"{self.spec.architecture} has {len(found)} classifiers named by its pretrained_cfg "
+                                   f"({names or 'none'}) in head {head}'s last segment; per-head features need exactly one")
+        return found[0]
 
     def run_head(self, head: int, x: torch.Tensor) -> Any:
         """Forward through one root-to-leaf path only (what a collapsed model computes)."""
@@ -270,12 +360,12 @@ class HeadTree(nn.Module):
         by more than ``atol`` (fp32) on ``probe`` (default: a seeded batch at ``spec.input_size``).
         """
         path = self.path(head)  # validates the index
-        model = models.model_from_spec(self.spec)
+        model = models.model_from_spec(self.spec, head)
         try:
             model.load_state_dict(self.head_state_dict(head), strict=True)
         except RuntimeError as e:
             lines = str(e).splitlines()
-            raise HeadsurgeonError(f"head {head} (path {path}) does not load into {self.spec.architecture}: "
+            raise HeadsurgeonError(f"head {head} (path {path}) does not load into {self.spec.peer(head).architecture}: "
                                    f"{lines[1 if len(lines) > 1 else 0][:300]}") from None
         p = next(iter(self.parameters()))
         model.to(device=p.device, dtype=p.dtype).eval()
@@ -287,19 +377,20 @@ class HeadTree(nn.Module):
         """Size of ``tree.safetensors`` (less its header): what ``save`` is about to write."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
-    def cost(self, input_size: Sequence[int] | None = None) -> dict[str, int]:
-        """Parameters and FLOPs per image of the tree and of one head (= the base model)."""
+    def cost(self, input_size: Sequence[int] | None = None, head: int = 0) -> dict[str, int]:
+        """Parameters and FLOPs per image of the tree and of head ``head`` (= its base model)."""
         from .points import count_flops
 
         p = next(iter(self.parameters()))
         x = torch.zeros(1, *(input_size or self.spec.input_size), device=p.device, dtype=p.dtype)
         with verify.eval_mode(self):
-            flops = {"tree_flops": count_flops(self, x), "base_flops": count_flops(lambda t: self.run_head(0, t), x)}
-        base = {id(t): t.numel() for seg in self.segments(0) for t in seg.parameters()}
+            flops = {"tree_flops": count_flops(self, x), "base_flops": count_flops(lambda t: self.run_head(head, t), x)}
+        base = {id(t): t.numel() for seg in self.segments(head) for t in seg.parameters()}
         return {"tree_params": sum(t.numel() for t in self.parameters()), "base_params": sum(base.values()), **flops}
 
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, at={list(self.spec.at)}, fanout={self.fanout}, rescale={self.rescale}"
+        peers = f", peers={[p.architecture for p in self.spec.peers]}" if self.spec.peers else ""
+        return f"heads={self.num_heads}, at={list(self.spec.at)}, fanout={self.fanout}, rescale={self.rescale}{peers}"
 
     def describe(self) -> str:
         """Which segments each head owns, one line per level."""
@@ -308,6 +399,8 @@ class HeadTree(nn.Module):
         for level, segs in enumerate(self.levels):
             span = f"{bounds[level]} -> {bounds[level + 1]}" if level else f"input -> {bounds[1]}"
             per = f"shared by {self.num_heads // len(segs)} heads" if len(segs) < self.num_heads else "one per head"
+            if level and self.spec.peers:
+                per += ": " + ", ".join(f"{h} {p.architecture}" for h, p in enumerate(self.spec.peers))
             lines.append(f"level {level}: {len(segs)} x [{span}] ({per})")
         return "\n".join(lines)
 
@@ -346,14 +439,21 @@ class HeadTree(nn.Module):
             )
         _check_sum(directory)
         spec = SplitSpec.from_json(spec_path.read_text(), where=str(spec_path))
-        m = models.model_from_spec(spec)
-        protos, _, owns = _cut(m, spec.at, spec.input_size or models.default_input_size(m),
-                               models.import_classes(spec.leaf_modules), spec.architecture,
-                               check=verify, owns_input=spec.owns_input)
+        leaf = models.import_classes(spec.leaf_modules)
+        if spec.peers:
+            ms = [models.model_from_spec(spec, h) for h in range(spec.heads)]
+            levels, owns, _ = _cut_peers(ms, [p.architecture for p in spec.peers],
+                                         spec.input_size or models.default_input_size(ms[0]), leaf, check=verify,
+                                         owns_input=spec.owns_input)
+        else:
+            m = models.model_from_spec(spec)
+            protos, _, owns = _cut(m, spec.at, spec.input_size or models.default_input_size(m), leaf,
+                                   spec.architecture, check=verify, owns_input=spec.owns_input)
+            levels = _grow(protos, spec.fanout)[0]
         if spec.owns_input is not None and tuple(owns) != spec.owns_input:
             raise HeadsurgeonError(f"'{directory}': segments that mutate their input changed since the split "
                                    f"({list(spec.owns_input)} -> {owns}); re-create the tree")
-        tree = cls(_grow(protos, spec.fanout)[0], spec.model_copy(update={"owns_input": tuple(owns)}))
+        tree = cls(levels, spec.model_copy(update={"owns_input": tuple(owns)}))
         try:
             safetensors.torch.load_model(tree, str(weights), strict=True, device=str(device))
         except Exception as e:
@@ -376,18 +476,20 @@ def _check_sum(directory: Path) -> None:
 
 # ------------------------------------------------------------------------------- split
 
-def split(model: str | nn.Module, at: Sequence[str] | str = (), heads: int = 1, fanout: Sequence[int] | None = None,
-          rescale: bool = True, branch_init: str | None = None, *, weights: str | os.PathLike | None = None,
-          seed: int | None = None, input_size: Sequence[int] | None = None, verify: bool = True,
-          leaf_modules: tuple[type, ...] = (), **create_kwargs: Any) -> HeadTree:
+def split(model: str | nn.Module | Sequence[str | nn.Module], at: Sequence[str] | str = (), heads: int | None = None,
+          fanout: Sequence[int] | None = None, rescale: bool = True, branch_init: str | None = None, *,
+          weights: str | os.PathLike | None = None, seed: int | None = None, input_size: Sequence[int] | None = None,
+          verify: bool = True, leaf_modules: tuple[type, ...] = (), peer_kwargs: Sequence[dict[str, Any]] | None = None,
+          **create_kwargs: Any) -> HeadTree:
     """Split a timm model into a tree of ``heads`` classifier heads.
 
     Args:
         model: a timm name (``resnet50``, ``local-dir:DIR``, ``hf-hub:user/repo``) or a timm model
-            (copied, never modified).
+            (copied, never modified); or a list of them, one per head: heterogeneous peers, each a whole
+            model of its own architecture, forked at the input (``at`` must be ``"input"`` or omitted).
         at: split points in forward order (module paths like ``layer3``/``blocks.8``, fx node
             names, or ``"input"`` for independent instances). Each is the first part every branch owns.
-        heads: number of leaves.
+        heads: number of leaves (default 1; with a list of models, its length).
         fanout: children per fork at each split point (product = heads); default: most balanced.
         rescale: insert the gradient-rescaling op (x 1/fan-out backward) at every fork.
         branch_init: ``"independent"`` (every cloned copy gets timm's own initialisation, drawn
@@ -399,11 +501,27 @@ def split(model: str | nn.Module, at: Sequence[str] | str = (), heads: int = 1, 
         input_size: (C, H, W) of the probe batch used to verify the cut; default the model's own.
         verify: compare the traced graph and the cut chain with the eager model in both modes.
         leaf_modules: extra module classes to keep whole when tracing.
-        **create_kwargs: passed to ``timm.create_model`` (``num_classes``, ``pretrained``, ...).
+        peer_kwargs: with a list of models, ``timm.create_model`` kwargs per peer (over ``create_kwargs``).
+        **create_kwargs: passed to ``timm.create_model`` (``num_classes``, ``pretrained``, ...); every
+            peer's, with a list of models.
     """
     at = [p for p in at.split(",") if p] if isinstance(at, str) else list(at)
-    if not isinstance(heads, int) or heads < 1:
+    if heads is not None and (not isinstance(heads, int) or isinstance(heads, bool) or heads < 1):
         raise HeadsurgeonError(f"heads must be a positive integer, got {heads!r}")
+    nc = create_kwargs.get("num_classes")
+    if nc is not None and (not isinstance(nc, int) or nc < 1):
+        raise HeadsurgeonError(f"num_classes must be a positive integer, got {nc!r} (0 would leave the model "
+                               f"without a classifier: nothing to collapse into a classifier head)")
+    if input_size is not None and (len(input_size) != 3 or any(not isinstance(v, int) or v < 1 for v in input_size)):
+        raise HeadsurgeonError(f"input_size must be three positive integers (C, H, W), e.g. (3, 224, 224); "
+                               f"got {tuple(input_size)}")
+    if isinstance(model, (list, tuple)):
+        return _split_peers(list(model), at, heads, fanout, rescale, branch_init, weights, seed, input_size, verify,
+                            leaf_modules, peer_kwargs, create_kwargs)
+    if peer_kwargs is not None:
+        raise HeadsurgeonError("peer_kwargs are per peer: give a list of models (one per head), or put the kwargs "
+                               "in create_kwargs")
+    heads = 1 if heads is None else heads
     if heads > 1 and not at:
         raise HeadsurgeonError(f"{heads} heads need at least one split point; pass at=['input'] for independent instances")
     fanout = default_fanout(heads, len(at)) if fanout is None else [int(f) for f in fanout]
@@ -412,13 +530,6 @@ def split(model: str | nn.Module, at: Sequence[str] | str = (), heads: int = 1, 
                                f"give one positive factor per split point whose product is {heads}")
     if branch_init not in (None, *BRANCH_INITS):
         raise HeadsurgeonError(f"branch_init must be one of {', '.join(BRANCH_INITS)}, got {branch_init!r}")
-    nc = create_kwargs.get("num_classes")
-    if nc is not None and (not isinstance(nc, int) or nc < 1):
-        raise HeadsurgeonError(f"num_classes must be a positive integer, got {nc!r} (0 would leave the model "
-                               f"without a classifier: nothing to collapse into a classifier head)")
-    if input_size is not None and (len(input_size) != 3 or any(not isinstance(v, int) or v < 1 for v in input_size)):
-        raise HeadsurgeonError(f"input_size must be three positive integers (C, H, W), e.g. (3, 224, 224); "
-                               f"got {tuple(input_size)}")
 
     src = models.source(model, create_kwargs, weights)
     m, label = src.model, src.name or type(src.model).__name__
@@ -449,6 +560,113 @@ def split(model: str | nn.Module, at: Sequence[str] | str = (), heads: int = 1, 
     tree = HeadTree(levels, spec)
     tree.train(m.training)
     return tree
+
+
+def _split_peers(items: list[str | nn.Module], at: list[str], heads: int | None, fanout: Sequence[int] | None,
+                 rescale: bool, branch_init: str | None, weights: Any, seed: int | None,
+                 input_size: Sequence[int] | None, verify: bool, leaf_modules: tuple[type, ...],
+                 peer_kwargs: Sequence[dict[str, Any]] | None, create_kwargs: dict[str, Any]) -> HeadTree:
+    """:func:`split` for a list of models: head ``i`` is the whole of model ``i``, all fed the same input.
+
+    Peer 0 is created from torch's global RNG and peer ``j >= 1`` under ``seed + j``, as the copies of
+    a one-model split are; each peer is timm's own initialisation (or pretrained weights) of its model.
+    """
+    n = len(items)
+    listed = ",".join(i if isinstance(i, str) else type(i).__name__ for i in items)
+    if n < 2:
+        raise HeadsurgeonError(f"a list of models gives one peer per head and needs at least two, got {n} "
+                               f"({listed or 'none'}); pass a single model name for copies of one model")
+    if at not in ([], [INPUT]):
+        raise HeadsurgeonError(f"peers of different models ({listed}) share only the input: split them at 'input', "
+                               f"not {','.join(at)} (--at input)")
+    if heads not in (None, n):
+        raise HeadsurgeonError(f"{n} models ({listed}) give {n} heads, one each, but heads is {heads}; "
+                               f"drop --heads or list {heads} models")
+    if fanout is not None and [int(f) for f in fanout] != [n]:
+        raise HeadsurgeonError(f"{n} peers fork once at the input: fan-out is {n}, not {list(fanout)}; drop --fanout")
+    if branch_init not in (None, "independent", "pretrained"):
+        raise HeadsurgeonError(f"branch_init {branch_init!r} does not apply to peers of different models, which cannot "
+                               f"be copies of each other; use independent or pretrained (or leave it out)")
+    if weights is not None:
+        raise HeadsurgeonError("weights= is one checkpoint for one model; peers of different models cannot share it "
+                               "(start them from pretrained=True, or split without weights)")
+    if peer_kwargs is not None and (len(peer_kwargs) != n or not all(isinstance(k, dict) for k in peer_kwargs)):
+        raise HeadsurgeonError(f"peer_kwargs needs one mapping per model ({n}), got {peer_kwargs!r}")
+    if any(not isinstance(i, (str, nn.Module)) or (isinstance(i, str) and not i.strip()) for i in items):
+        raise HeadsurgeonError(f"every peer must be a timm model name or a timm model, got {items!r}")
+
+    srcs: list[models.Source] = []
+    for j, item in enumerate(items):
+        kwargs = {**create_kwargs, **(peer_kwargs[j] if peer_kwargs else {})}
+        if j == 1 and seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        with torch.random.fork_rng(devices=[], enabled=j > 0):
+            if j:
+                torch.manual_seed(seed + j)
+            srcs.append(models.source(item, kwargs, None))
+    ms = [s.model for s in srcs]
+    labels = [s.name or type(s.model).__name__ for s in srcs]
+    archs = [models.architecture(m) for m in ms]
+    classes = [models.num_classes(m) for m in ms]
+    if len(set(classes)) > 1:
+        raise HeadsurgeonError("peers must share the classifier output size, but " + ", ".join(
+            f"{lab} has {c}" for lab, c in zip(labels, classes)) + " classes; pass --num-classes (num_classes=)")
+    size = tuple(input_size) if input_size else models.default_input_size(ms[0])
+    chans = [models.default_input_size(m)[0] for m in ms]
+    if len(set(chans)) > 1:
+        raise HeadsurgeonError("peers must take the same input channels, but " + ", ".join(
+            f"{lab} takes {c}" for lab, c in zip(labels, chans)) + " (set in_chans= for all of them)")
+    levels, owns, unused = _cut_peers(ms, labels, size, leaf_modules, check=verify)
+    peers = [Peer(architecture=a, model_args=models.model_args(m), source=s.name, pretrained_cfg=models.pretrained_cfg(m),
+                  no_weight_decay=sorted(models.no_weight_decay(m)), unused=u)
+             for a, m, s, u in zip(archs, ms, srcs, unused)]
+    pretrained = all(s.trained is not None for s in srcs)
+    spec = SplitSpec(
+        **peers[0].model_dump(), peers=peers, at=[INPUT], heads=n, fanout=[n], rescale=bool(rescale),
+        branch_init=branch_init or ("pretrained" if pretrained else "independent"), seed=int(seed), input_size=size,
+        leaf_modules=[models.class_path(c) for c in leaf_modules], owns_input=owns, format=PEERS_FORMAT,
+        versions={"headsurgeon": __version__, "timm": timm.__version__, "torch": torch.__version__},
+    )
+    tree = HeadTree(levels, spec)
+    tree.train(ms[0].training)
+    return tree
+
+
+def _cut_peers(ms: Sequence[nn.Module], labels: Sequence[str], size: Sequence[int], leaf_modules: tuple[type, ...],
+               check: bool, owns_input: Sequence[bool] | None = None
+               ) -> tuple[list[list[nn.Module]], list[bool], list[list[str]]]:
+    """The levels of a tree of peers: a trunk that passes the image on, then each peer's whole traced
+    model (verified against its eager model when ``check``); the per-level input-mutation flags (probed
+    unless ``owns_input`` is known); each peer's unused keys (kept in its own segment).
+
+    Each peer is one whole segment rather than cut at ``input``: a cut there hands the branch every
+    input of the model's forward (ViT's ``attn_mask=None`` too), which differ between architectures.
+    """
+    g = fx.Graph()
+    g.output((g.placeholder("x"),))
+    trunk = fx.GraphModule(nn.Module(), g, class_name="Segment")
+    example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+    branches, mutates, unused = [], [False, False], []
+    for i, (m, label) in enumerate(zip(ms, labels)):
+        try:
+            protos, keys, _ = _cut(m, [], size, leaf_modules, label, check, owns_input=[False])
+            whole = protos[0]
+            if owns_input is None:
+                verify.run_both_modes(lambda x: _probe_chain([trunk, whole], x, mutates), example, m, whole)
+        except HeadsurgeonError:
+            raise
+        except Exception as e:  # the eager model itself fails on the shared input
+            raise HeadsurgeonError(f"peer {i} ({label}) does not run on the tree's input {'x'.join(map(str, size))} "
+                                   f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); give "
+                                   f"peers that take the same input (input_size=, or img_size= in that peer's "
+                                   f"kwargs)") from None
+        params = list(inspect.signature(whole.forward).parameters.values())
+        if not params or any(p.default is inspect.Parameter.empty for p in params[1:]):
+            raise HeadsurgeonError(f"peer {i} ({label}) needs more than the image as input "
+                                   f"({', '.join(p.name for p in params)}); peers must be models called as model(x)")
+        branches.append(whole)
+        unused.append(keys)
+    return [[trunk], branches], list(owns_input) if owns_input is not None else mutates, unused
 
 
 def default_fanout(heads: int, levels: int) -> list[int]:
