@@ -147,8 +147,8 @@ def test_recipe_run_collapse_reload(tmp_path):
 
     flat, _ = R.load(None, ["model=[resnet10t, mobilenetv3_small_050]",
                             "model_kwargs=[{channels: [8, 16, 32, 64], stem_width: 8}, {}]", "loss.objective=one",
-                            "data.img_size=16", "data.train_fraction=0.1", "data.batch_size=16", "epochs=1",
-                            "sched.warmup_epochs=0"])
+                            "data.img_size=8", "data.folds=10", "data.train_fraction=0.1", "data.val_fraction=0.05",
+                            "data.batch_size=16", "epochs=1", "sched.warmup_epochs=0"])
     assert flat.split.at == ["input"] and flat.split.heads == 2
     lines = []
     s = T.train(flat, output=str(tmp_path / "run"), log=lines.append)
@@ -157,13 +157,13 @@ def test_recipe_run_collapse_reload(tmp_path):
     model = timm.create_model(f"local-dir:{out.resolve()}", pretrained=True).eval()
     assert type(model).__name__ == "MobileNetV3" and head == 1
     tree = hs.HeadTree.load(tmp_path / "run" / "best").eval()
-    x = torch.randn(3, 3, 16, 16)
+    x = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
         assert max_abs_diff(model(x), tree(x)[1]) == 0
     card = (out / "README.md").read_text()
     assert "architecture: mobilenetv3_small_050" in card and "head 0 `resnet10t`, head 1 `mobilenetv3_small_050` (this model)" in card
     cfg = json.loads((out / "config.json").read_text())["pretrained_cfg"]
-    assert cfg["input_size"] == [3, 16, 16] and cfg["mean"] == list(timm.create_model("resnet10t").pretrained_cfg["mean"])
+    assert cfg["input_size"] == [3, 8, 8] and cfg["mean"] == list(timm.create_model("resnet10t").pretrained_cfg["mean"])
 
 
 def test_cli_split_and_collapse(tmp_path):
