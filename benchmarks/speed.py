@@ -11,12 +11,15 @@ Also: FLOPs of one training step (forward + backward, torch's ``FlopCounterMode`
 the single model — the physical limit of what sharing saves; memory (CUDA: peak allocated;
 CPU: parameters + gradients + tensors saved for backward, measured with saved-tensor hooks);
 split time (trace + cut + clone, verification excluded and reported apart) and collapse time.
-The hierarchical tree also runs with gradient checkpointing (``HeadTree.set_grad_checkpointing``);
-on CPU its memory counts what the forward keeps for backward (each checkpointed segment keeps
-only its inputs), not the one segment at a time that the backward pass recomputes.
+``--ckpt``: gradient checkpointing instead (``HeadTree.set_grad_checkpointing``): peak training
+memory of the single model, the hierarchical tree and the tree with checkpointing, and their step
+times, side by side. Peak memory on CPU is torch's ``MemTracker`` (every live tensor: parameters,
+gradients, optimizer state, activations, temporaries, including the recomputation in backward)
+over one step; on CUDA the peak allocated.
 
     python benchmarks/speed.py                      # CPU defaults: small inputs and batches
     python benchmarks/speed.py --device cuda --size 224 --batch 64 --amp --channels-last --compile
+    python benchmarks/speed.py --ckpt --models resnet50 --size 224 --batch 16 --rounds 3
 """
 from __future__ import annotations
 
@@ -205,10 +208,7 @@ def bench_model(name: str, at: list[str], heads: int, args) -> dict:
         "hand simple": HandTree(copy.deepcopy(base), at[:1], [heads]),
         "tree hierarchical": hs.split(base, at=at, heads=heads, branch_init="copy", verify=False, input_size=size),
         "hand hierarchical": HandTree(copy.deepcopy(base), at, hs.tree.default_fanout(heads, len(at))),
-        "tree hierarchical, grad checkpointing": hs.split(base, at=at, heads=heads, branch_init="copy", verify=False,
-                                                           input_size=size),
     }
-    variants["tree hierarchical, grad checkpointing"].set_grad_checkpointing(True)
     steps, flops, mem = {}, {}, {}
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, *size, generator=g).to(device)
@@ -247,12 +247,98 @@ def bench_model(name: str, at: list[str], heads: int, args) -> dict:
         "tree_vs_hand_hierarchical": med["tree hierarchical"] / med["hand hierarchical"],
         "tree_vs_hand_simple": med["tree simple"] / med["hand simple"],
         "instances_vs_tree": med[f"{heads} instances"] / med["tree hierarchical"],
-        "ckpt_memory_vs_single": mem["tree hierarchical, grad checkpointing"] / mem["single"],
-        "ckpt_time_vs_single": med["tree hierarchical, grad checkpointing"] / single,
     }
     return {"model": name, "at": at, "heads": heads, "input": list(size), "batch": args.batch, "rows": rows,
             "goals": goals, "split_s": t_split, "split_independent_s": t_split_ind, "split_verified_s": t_split_ver,
             "collapse_s": t_collapse}
+
+
+def peak_memory(model: nn.Module, step: Callable, x, y, device: str, opt) -> dict[str, int]:
+    """Peak bytes during one training step (after a first one, so optimizer state exists).
+
+    CPU: torch's ``MemTracker`` follows every tensor storage (parameters, gradients, optimizer state,
+    activations, temporaries, the backward pass's recomputation) and reports the peak by kind."""
+    step(x, y)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step(x, y)
+        torch.cuda.synchronize()
+        return {"total": torch.cuda.max_memory_allocated()}
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    mt = MemTracker()
+    mt.track_external(model, opt)
+    with mt:
+        step(x, y)
+    peak = next(iter(mt.get_tracker_snapshot("peak").values()))
+    return {str(k).split(".")[-1].lower(): int(v) for k, v in peak.items()}
+
+
+def bench_ckpt(name: str, at: list[str], heads: int, args) -> dict:
+    """Single model, hierarchical tree, tree with gradient checkpointing (and the single model with
+    timm's own checkpointing, for reference): peak memory and interleaved step times."""
+    device = args.device
+    torch.manual_seed(0)
+    base = timm.create_model(name, num_classes=10, drop_rate=0.0)
+    size = (3, args.size, args.size)
+    single_ckpt = copy.deepcopy(base)
+    single_ckpt.set_grad_checkpointing(True)
+    variants: dict[str, nn.Module] = {
+        "single": base,
+        "single, timm grad checkpointing": single_ckpt,
+        "tree": hs.split(base, at=at, heads=heads, branch_init="copy", verify=False, input_size=size),
+        "tree, grad checkpointing": hs.split(base, at=at, heads=heads, branch_init="copy", verify=False,
+                                             input_size=size),
+    }
+    variants["tree, grad checkpointing"].set_grad_checkpointing(True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, *size, generator=g).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
+    steps, mem = {}, {}
+    for k, m in variants.items():
+        m.to(device).train()
+        opt = torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9)
+        steps[k] = make_step(m, opt, args.amp, device)
+        print(f"  memory: {k} ...", flush=True)
+        mem[k] = peak_memory(m, steps[k], x, y, device, opt)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(args.warmup + args.rounds):
+        for k, fn in steps.items():
+            sync(device)
+            t = time.perf_counter()
+            fn(x, y)
+            sync(device)
+            if r >= args.warmup:
+                times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = {k: {"step_s": med[k], "steps_s": times[k], "time_vs_single": med[k] / med["single"],
+                "time_vs_tree": med[k] / med["tree"], "peak_mb": mem[k]["total"] / 2**20,
+                "peak_by_kind_mb": {c: v / 2**20 for c, v in mem[k].items()},
+                "memory_vs_single": mem[k]["total"] / mem["single"]["total"],
+                "params_m": sum(p.numel() for p in variants[k].parameters()) / 1e6} for k in variants}
+    return {"model": name, "at": at, "heads": heads, "input": list(size), "batch": args.batch, "rows": rows}
+
+
+def render_ckpt(results: list[dict], args, cmd: str) -> str:
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    out = [f"`{cmd}` — {dev}; torch {torch.__version__}, timm {timm.__version__}; batch {args.batch}, "
+           f"{args.size}x{args.size}; step: median of {args.rounds} interleaved steps after {args.warmup} warm-up rounds; "
+           f"memory: peak over one step" + (" (MemTracker: parameters, gradients, momentum, activations, temporaries)"
+                                           if args.device == "cpu" else " (max allocated)") + ".", ""]
+    for r in results:
+        out += [f"#### {r['model']} `--at {','.join(r['at'])} --heads {r['heads']}`, {r['input'][1]} px, batch {r['batch']}", "",
+                "| variant | step (ms) | time / single | time / tree | peak memory (MiB) | memory / single | of which activations (MiB) |",
+                "|---|---|---|---|---|---|---|"]
+        for k, v in r["rows"].items():
+            act = v["peak_by_kind_mb"].get("act")
+            out.append(f"| {k} | {1000 * v['step_s']:.0f} | {v['time_vs_single']:.2f} | {v['time_vs_tree']:.2f} | "
+                       f"{v['peak_mb']:.0f} | {v['memory_vs_single']:.2f} | {'' if act is None else f'{act:.0f}'} |")
+        c = r["rows"]["tree, grad checkpointing"]
+        out += ["", f"- tree with checkpointing: memory **{c['memory_vs_single']:.2f}×** the single model's (goal ≤ 1.3) "
+                f"at **{c['time_vs_tree']:.2f}×** the tree's step time (goal ≤ 1.35); without checkpointing "
+                f"{r['rows']['tree']['memory_vs_single']:.2f}×", ""]
+    return "\n".join(out)
 
 
 def render(results: list[dict], args, cmd: str) -> str:
@@ -274,9 +360,6 @@ def render(results: list[dict], args, cmd: str) -> str:
                 f"- tree / hand-written: hierarchical **{g['tree_vs_hand_hierarchical']:.3f}**, simple "
                 f"**{g['tree_vs_hand_simple']:.3f}** (goal ≤ 1.02)",
                 f"- {r['heads']} instances / hierarchical tree: **{g['instances_vs_tree']:.2f}x** (goal ≥ 1.9 for resnet50)",
-                f"- hierarchical tree with gradient checkpointing / single model: memory "
-                f"**{g.get('ckpt_memory_vs_single', float('nan')):.2f}x** (goal ≤ 1.3), step time "
-                f"**{g.get('ckpt_time_vs_single', float('nan')):.2f}x** (goal ≤ 1.35)",
                 f"- split (trace + cut + clone, copied branches): **{r['split_s']:.2f} s**; with independent "
                 f"initialisation {r['split_independent_s']:.2f} s; with verification {r['split_verified_s']:.2f} s; "
                 f"collapse (incl. its verification) {r['collapse_s']:.2f} s", ""]
@@ -294,7 +377,9 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--models", default=",".join(c[0] for c in CONFIGS))
-    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "speed.json"))
+    ap.add_argument("--ckpt", action="store_true", help="gradient checkpointing: peak memory and step time")
+    ap.add_argument("--json", default=None, help="results file (default benchmarks/results/speed.json, "
+                    "speed-ckpt.json with --ckpt)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     cmd = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
@@ -302,9 +387,10 @@ def main() -> None:
     for name, at, heads in CONFIGS:
         if name in args.models.split(","):
             print(f"benchmarking {name} ...", flush=True)
-            results.append(bench_model(name, at, heads, args))
-    text = render(results, args, cmd.strip())
+            results.append((bench_ckpt if args.ckpt else bench_model)(name, at, heads, args))
+    text = (render_ckpt if args.ckpt else render)(results, args, cmd.strip())
     print(text)
+    args.json = args.json or str(ROOT / "benchmarks" / "results" / ("speed-ckpt.json" if args.ckpt else "speed.json"))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"cmd": cmd, "device": args.device, "results": results}, indent=1))
 
