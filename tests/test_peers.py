@@ -179,6 +179,8 @@ def test_cli_split_and_collapse(tmp_path):
         assert max_abs_diff(model(_x()), tree(_x())[1]) == 0
     code, out = _cli("nodes", ",".join(MODELS), "--num-classes", "3", "--input-size", "3,32,32")
     assert code == 0 and "split them only at the input" in out and "mobilenetv3_small_050" in out, out
+    code, out = _cli("split", "resnet10t", "--at", "input", "-o", tmp_path / "u")  # --heads: only a list implies it
+    assert code == 1 and "Error: --heads is required for one model" in out and not (tmp_path / "u").exists(), out
 
 
 @pytest.mark.parametrize("args, match", [
