@@ -98,14 +98,15 @@ def _reductions(base) -> list[dict]:
     import inspect
 
     sig = inspect.signature(type(base).__init__).parameters
-    out = []
+    out: list[dict] = []
     if "depth" in sig:
         out.append({"depth": 2})
     if "depths" in sig:
         n = len(getattr(base, "stages", None) or getattr(base, "layers", None) or [None] * 4)
         out.append({"depths": [1] * n})
-    if type(base).__name__ == "RegNet":  # kwargs overlay RegNetCfg; depth is the total block count
-        out += [{"depth": d} for d in (8, 12, 16)]
+    if type(base).__name__ == "RegNet":  # kwargs overlay RegNetCfg: total block count and initial width
+        # (regnety_2560's w0=640 gives fewer than 4 stages at a small depth, which RegNet refuses)
+        out += [{"depth": d, "w0": 160} for d in (16, 12, 8)]
     return out
 
 
@@ -279,9 +280,11 @@ def _done() -> dict[str, dict]:
     out = {}
     if RESULTS.exists():
         for line in RESULTS.read_text().splitlines():
-            if line.strip():
+            try:
                 r = json.loads(line)
-                out[r["model"]] = r
+            except ValueError:  # blank, or the line the running sweep is writing
+                continue
+            out[r["model"]] = r
     return out
 
 
@@ -319,6 +322,8 @@ def sweep(names: list[str], timeout: float, big: float, copy_above: float, max_p
     t_start = time.time()
     with RESULTS.open("a") as log:
         for i, name in enumerate(todo):
+            if name in _done():  # recorded since this sweep started (by another run on the same file)
+                continue
             n_params = cache[name]
             job = {"model": name, "kwargs": {}, "how": "full"}
             if n_params == float("inf"):
