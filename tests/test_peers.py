@@ -202,6 +202,8 @@ def test_bad_combinations_are_one_line(tmp_path, args, match):
 def test_unknown_untraceable_and_unrunnable_peers(tmp_path):
     code, out = _cli("split", "resnet10t,mobilenetv3_smal_050", "--at", "input", "-o", tmp_path / "t")
     assert code == 1 and "unknown timm model 'mobilenetv3_smal_050'; did you mean mobilenetv3_small_050" in out, out
+    code, out = _cli("split", "resnet10t,", "--at", "input", "-o", tmp_path / "t")
+    assert code == 1 and "'resnet10t,' has an empty model name" in out, out
     assert not (tmp_path / "t").exists()
     bad = timm.create_model("resnet10t", num_classes=3, **NARROW)
     orig = bad.layer2[0].forward
