@@ -99,6 +99,13 @@ def _reductions(base) -> list[dict]:
 
     sig = inspect.signature(type(base).__init__).parameters
     out: list[dict] = []
+    blocks = getattr(base, "blocks", None)
+    if "depth" in sig and "num_kv_heads" in sig and blocks is not None and len(blocks) >= 2:
+        # per-block key/value heads (Sapiens2: full attention at both ends, grouped-query in the
+        # middle): keep one block of each kind
+        kv = [getattr(getattr(b, "attn", None), "num_kv_heads", None) for b in (blocks[0], blocks[len(blocks) // 2])]
+        if all(isinstance(k, int) for k in kv):
+            out.append({"depth": 2, "num_kv_heads": kv})
     if "depth" in sig:
         out.append({"depth": 2})
     if "depths" in sig:
@@ -322,7 +329,7 @@ def sweep(names: list[str], timeout: float, big: float, copy_above: float, max_p
     t_start = time.time()
     with RESULTS.open("a") as log:
         for i, name in enumerate(todo):
-            if name in _done():  # recorded since this sweep started (by another run on the same file)
+            if _done().get(name, {}).get("status", "skip") != "skip":  # recorded since this sweep started
                 continue
             n_params = cache[name]
             job = {"model": name, "kwargs": {}, "how": "full"}
@@ -379,6 +386,110 @@ def _readline(proc: subprocess.Popen, timeout: float) -> str | None:
         return None
     line = proc.stdout.readline()
     return line or None
+
+
+PROFILE = ROOT / "benchmarks" / "results" / "coverage-profile.json"
+
+
+def profile(names: list[str], big: float, copy_above: float) -> None:
+    """Time the phases of ``run_one`` on ``names`` (one thread) and store them in ``PROFILE``.
+
+    Phases are timed by wrapping headsurgeon's public functions for the duration of the call;
+    "deep copies + independent draws" is split's remainder, "training step + eval" the run's remainder.
+    The figures are CPU seconds of this one-thread process, which other load on the machine
+    changes far less than wall-clock time.
+    """
+    import resource
+
+    import torch
+
+    import headsurgeon as hs
+    from headsurgeon import models, tree, verify
+
+    torch.set_num_threads(1)
+    times: dict[str, float] = {}
+    patched = []
+
+    def wrap(owner, attr, label):
+        f = getattr(owner, attr)
+        patched.append((owner, attr, f))
+
+        def timed(*a, **k):
+            t = time.process_time()
+            try:
+                return f(*a, **k)
+            finally:
+                times[label] = times.get(label, 0.0) + time.process_time() - t
+        setattr(owner, attr, timed)
+
+    mod = sys.modules[__name__]
+    wrap(mod, "smallest_input", "input probe (meta device)")
+    wrap(models, "source", "split: create the model")
+    wrap(tree, "trace", "split: trace train + eval")
+    wrap(verify, "check_against_eager", "split: eager vs traced vs cut, both modes")
+    wrap(hs, "split", "split")
+    wrap(tree.HeadTree, "collapse", "collapse every head (create + strict load + logit check)")
+    wrap(models, "model_from_spec", "of all the above: fresh instances (independent draws + collapse)")
+    out = json.loads(PROFILE.read_text()) if PROFILE.exists() else {}
+    try:
+        for name in names:
+            times.clear()
+            t0 = time.process_time()
+            r = run_one(name, big, copy_above)
+            total = time.process_time() - t0
+            ph = dict(times)
+            ph["split: deep copies + independent draws"] = ph.get("split", 0) - sum(
+                ph.get(k, 0) for k in ("split: create the model", "split: trace train + eval",
+                                       "split: eager vs traced vs cut, both modes"))
+            coll = "collapse every head (create + strict load + logit check)"
+            ph["training step + eval forward"] = total - ph.get("split", 0) - ph.get(coll, 0) - ph.get(
+                "input probe (meta device)", 0)
+            ph.pop("split", None)
+            ph[coll] = ph.pop(coll, 0.0)  # in run order
+            ph["training step + eval forward"] = ph.pop("training step + eval forward")
+            fresh = "of all the above: fresh instances (independent draws + collapse)"
+            ph[fresh] = ph.pop(fresh, 0.0)
+            out.setdefault(name, {})["after"] = {
+                "status": r["status"], "mode": r.get("mode"), "input": r.get("input"), "total_s": round(total, 1), "clock": "process_time",
+                "phases_s": {k: round(v, 1) for k, v in ph.items()},
+                "maxrss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+            print(name, json.dumps(out[name]["after"]), flush=True)
+    finally:
+        for owner, attr, f in reversed(patched):
+            setattr(owner, attr, f)
+    PROFILE.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+
+
+def _profile_lines() -> list[str]:
+    if not PROFILE.exists():
+        return []
+    prof = json.loads(PROFILE.read_text())
+    lines = ["## Where a large model's time goes", "",
+             "CPU seconds of the one-thread process (`time.process_time`: the machine was shared with other "
+             "work, so wall-clock figures swung 2-3x; the grid and sweep were paused) "
+             "(`python benchmarks/coverage.py --profile NAME...`, results in `benchmarks/results/coverage-profile.json`). "
+             "\"before\" is the sweep as it was at commit 530578a (same wrapper, then private phase names), "
+             "\"after\" the sweep now.", ""]
+    order = ["input probe (create + eager forward)", "input probe (meta device)", "split: copy the source model",
+             "split: create the model", "split: trace train + eval", "split: eager vs traced vs cut, both modes",
+             "split: deep copies + independent draws", "training step + eval forward",
+             "collapse every head (create + strict load + logit check)",
+             "of all the above: fresh instances (independent draws + collapse)"]
+    cols = [(name, when) for name in sorted(prof) for when in ("before", "after") if when in prof[name]]
+    lines.append("| phase | " + " | ".join(f"`{n}` {w}" for n, w in cols) + " |")
+    lines.append("|---" * (len(cols) + 1) + "|")
+    for key, fmt in (("mode", str), ("input", lambda v: "x".join(map(str, v)))):
+        lines.append(f"| {key} | " + " | ".join(fmt(prof[n][w][key]) for n, w in cols) + " |")
+    for ph in order:
+        if any(ph in prof[n][w]["phases_s"] for n, w in cols):
+            lines.append(f"| {ph} | " + " | ".join(str(prof[n][w]["phases_s"].get(ph, "-")) for n, w in cols) + " |")
+    lines.append("| **total** | " + " | ".join(f"**{prof[n][w]['total_s']}**" for n, w in cols) + " |")
+    lines.append("| peak RSS (GiB) | " + " | ".join(str(prof[n][w]["maxrss_GiB"]) for n, w in cols) + " |")
+    lines += ["", "What is left is mostly building fresh timm instances (random init of every weight): the model "
+              "itself, one per independent branch, one per collapsed head (collapse builds the class and then "
+              "loads over its init). The sweep cannot avoid these without weakening the check; skipping the init "
+              "in `collapse` would be a library change.", ""]
+    return lines
 
 
 # Known failure classes: (pattern in the reason, class, cause, fix). A failure matching none is
@@ -440,12 +551,25 @@ def report(names: list[str]) -> str:
         "the smallest fails. Each row below gives the input used.",
         "",
         f"Produced by `python benchmarks/coverage.py` with timm {timm.__version__}, torch {torch.__version__}, "
-        f"on {platform.machine()} CPU ({os.cpu_count()} cores). timm versions covered: {timm.__version__} only "
-        f"(the newest the package index here serves; see README for the tested floor).",
+        f"on {platform.machine()} CPU ({os.cpu_count()} cores).",
+        "",
+        "## timm versions",
+        "",
+        f"Covered: timm {timm.__version__} only. It is the newest release the package index here serves "
+        "(`pip index versions timm`, checked 2026-12-02: 1.0.31 latest; the timm source mirror is older, "
+        "1.0.29.dev0), so there are no newer architectures to sweep yet. The package requires timm >= 1.0.31: "
+        "collapse rebuilds a head from the create kwargs timm records on the model (`_model_args`), which "
+        "1.0.30 and older do not record (1.0.16 cannot even import headsurgeon: no `get_notrace_functions`; "
+        "1.0.17 fails 13 of 29 core tests). `make test-timm-floor` runs the core against the declared floor.",
         "",
     ]
-    how = collections.Counter((r.get("how", "full") if r.get("how", "full") == "full" else "reduced build",
-                               r.get("mode", "4 heads, 2 splits")) for r in passed)
+    def mode(r: dict) -> str:  # the first 835 records predate the branch init in "mode"
+        m = r.get("mode", "4 heads, 2 splits")
+        return m if m.endswith(("copy", "independent")) else m + ", independent"
+
+    how = collections.Counter((r.get("how", "full") if r.get("how", "full") == "full" else "reduced build", mode(r))
+                              for r in passed)
+    lines += _profile_lines()
     lines += ["## How the passing models were checked", "", "| build | heads and splits | models |", "|---|---|---|"]
     lines += [f"| {h} | {m} | {n} |" for (h, m), n in sorted(how.items())]
     lines.append("")
@@ -509,10 +633,14 @@ def main() -> None:
                     help="parameters above which the model is built smaller (depth kwargs) for a structural check")
     ap.add_argument("--report", action="store_true", help="only rewrite docs/coverage.md")
     ap.add_argument("--retry-failed", action="store_true", help="run recorded failures again")
+    ap.add_argument("--profile", nargs="+", metavar="NAME", help="time the phases on these models (see PROFILE)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args.big, args.copy_above)
+        return
+    if args.profile:
+        profile(args.profile, args.big, args.copy_above)
         return
     import timm
 
