@@ -53,6 +53,9 @@ ZOO = [
     ("efficientvit_b0", 64, {}),
     ("coatnet_0_rw_224", 64, {}),
     ("hiera_tiny_224", 64, {}),
+    # list-valued kwargs, as the coverage sweep's reduced builds of the 1-7 B models pass them
+    ("davit_tiny", 32, {"depths": [1, 1, 1, 1], "embed_dims": [32, 64, 128, 256], "num_heads": [1, 2, 4, 8]}),
+    ("vit_base_patch16_sapiens2", 32, {"depth": 2, "num_kv_heads": [12, 6], "embed_dim": 96, "num_heads": 12}),
 ]
 
 
