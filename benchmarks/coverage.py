@@ -304,6 +304,23 @@ def _meta_params(name: str) -> float:
         return float("inf")
 
 
+def _wait_for_memory(n_params: float) -> None:
+    """Hold the next model until the machine has room for it, so the sweep's worker is not the reason the
+    kernel kills something (the machine is shared). Peak resident memory measured with --profile is about
+    8-11 bytes per parameter over a 0.8 GiB baseline; 12 bytes + 1 GiB is asked for."""
+    need = 12 * n_params + 2**30
+    waited = 0
+    while True:
+        avail = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                     if line.startswith("MemAvailable:"))
+        if avail >= need:
+            return
+        if waited % 600 == 0:
+            print(f"waiting for {need / 2**30:.1f} GiB free (have {avail / 2**30:.1f})", flush=True)
+        time.sleep(30)
+        waited += 30
+
+
 def sweep(names: list[str], timeout: float, big: float, copy_above: float, max_params: float,
           retry_failed: bool = False) -> None:
     """Run every name not yet recorded, smallest first, one worker process; append each result as it comes.
@@ -343,13 +360,14 @@ def sweep(names: list[str], timeout: float, big: float, copy_above: float, max_p
                                      f"kwarg to build it smaller"}
                 else:
                     kw, n_red = red
-                    job = {"model": name, "kwargs": kw,
+                    job = {"model": name, "kwargs": kw, "params": n_red,
                            "how": f"reduced: {', '.join(f'{k}={v}' for k, v in kw.items())} "
                                   f"({n_red / 1e6:.0f} M of {n_params / 1e6:.0f} M parameters)"}
                     res = None
             else:
                 res = None
             if res is None:
+                _wait_for_memory(job.get("params", n_params))
                 if proc is None or proc.poll() is not None:
                     proc = subprocess.Popen([sys.executable, __file__, "--worker", "--big", str(big),
                                              "--copy-above", str(copy_above)],
