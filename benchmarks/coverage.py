@@ -532,6 +532,7 @@ def _classify(reason: str) -> tuple[str, str, str]:
 def report(names: list[str]) -> str:
     """Rewrite docs/coverage.md from the results file: how each model was checked, failures by class, the tally."""
     import collections
+    import statistics
 
     import timm
     import torch
@@ -619,6 +620,24 @@ def report(names: list[str]) -> str:
         lines.append(f"| `{r['model']}` | {r['params'] / 1e6:.1f} | {', '.join(r['at'])} | {r['heads']} | "
                      f"{'x'.join(map(str, r['input']))} | {r.get('how', 'full')} | {r['seconds']} |")
     classes = collections.Counter(_classify(r.get("reason", ""))[0] for r in failed)
+    # sweep time: what the recorded runs took (wall-clock, as each row says), and for the models not
+    # run yet the median of this policy's runs of the same size class
+    cache_file = RESULTS.parent / "params.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    bounds = [(0, 100e6), (100e6, 300e6), (300e6, 1.2e9), (1.2e9, float("inf"))]
+
+    def size_class(n: str) -> int:
+        v = cache.get(n, done.get(n, {}).get("full_params", 0)) or 0
+        return next(i for i, (lo, hi) in enumerate(bounds) if lo <= v <= hi)
+
+    spent = sum(r.get("seconds", 0) for r in rows)
+    per_class: dict[int, list[float]] = collections.defaultdict(list)
+    for r in rows:
+        if "how" in r and r["status"] == "pass":
+            per_class[size_class(r["model"])].append(r["seconds"])
+    todo_names = missing + [r["model"] for r in skipped]
+    every = [t for v in per_class.values() for t in v]
+    est = sum(statistics.median(per_class.get(size_class(n)) or every or [0]) for n in todo_names)
     lines += [
         "",
         "## Summary" + (" (partial: the sweep has not reached every model yet)" if partial else ""),
@@ -630,6 +649,11 @@ def report(names: list[str]) -> str:
         "",
         ("Failures by class: " + ", ".join(f"{c} {n}" for c, n in classes.most_common()) + ".") if failed
         else "No failures.",
+        "",
+        f"Sweep time: the {len(rows)} recorded runs took {spent / 3600:.1f} h of wall-clock time (one worker, "
+        f"niced, on a machine shared with other jobs)"
+        + (f"; the {len(todo_names)} not run would take about {est / 3600:.1f} h more at the median time of "
+           f"this policy's runs of their size class." if todo_names else "."),
     ]
     text = "\n".join(lines) + "\n"
     DOC.parent.mkdir(parents=True, exist_ok=True)
