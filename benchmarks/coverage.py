@@ -1,20 +1,22 @@
 """Sweep every architecture in ``timm.list_models()`` through split -> train step -> collapse.
 
-For each model: create it (random init, ``num_classes=10``), split at the last two
-``feature_info`` modules into 4 heads (fan-out 2,2, independent branches), run one training
-step on the tree, collapse every head and check its eval logits against the tree's
-(<= 1e-5). Results are appended to a JSONL file (the sweep resumes where it stopped) and
-``docs/coverage.md`` is written from it.
+For each model: create it (random init, ``num_classes=10``) inside ``split`` (which traces it in
+both modes, cuts it and compares graph and cut with the eager model in both modes), run one SGD
+step on the tree, collapse every head (strict load) and check its eval logits against the tree's
+(<= 1e-5). Results are appended to a JSONL file (the sweep resumes where it stopped, smallest
+models first) and ``docs/coverage.md`` is written from it.
 
-To fit 2 cores and 24 GiB, each model runs at a reduced input where its constructor allows
-(``img_size`` for fixed-size models, a 64-128 px probe for convnets). Models above
-``--big`` parameters are verified with 2 heads at one split point (fan-out 2, copied
-branches: no fresh instances) so that the tree, its gradients and the collapsed copy fit
-in memory; above ``--max-params`` they are skipped and listed with their size.
+To fit 2 cores and 24 GiB the checks stay and the work shrinks with size: the smallest input the
+model accepts (meta-device probe; ``img_size`` where the class takes one), 4 heads at two split
+points up to ``--big`` parameters, 2 heads at the last one above (copied branches above
+``--copy-above``), and above ``--max-params`` the same class built with fewer blocks through its
+own kwargs (``depth=2``, ``depths=[1, ...]``): a structural check of every code path. Before
+each model the sweep waits until the machine has memory for it.
 
-    python benchmarks/coverage.py                    # full sweep (hours on 2 cores)
+    python benchmarks/coverage.py                    # full sweep (hours on 2 cores; resumable)
     python benchmarks/coverage.py --filter 'resnet*' # a subset
     python benchmarks/coverage.py --report           # only rewrite docs/coverage.md
+    python benchmarks/coverage.py --profile vit_large_patch16_224  # CPU seconds per phase
 """
 from __future__ import annotations
 
