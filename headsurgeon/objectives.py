@@ -427,21 +427,25 @@ class KDCL(Objective):
 class PeerEnsemble(nn.Module):
     """PCL's peer ensemble teacher: every head's pooled pre-logits features, concatenated, -> linear -> logits.
 
-    ``forward(features)`` takes the list of the H heads' features (each as :func:`pool_features` accepts:
-    ``[B, in_features]``, tokens or a feature map) and returns ``[B, num_classes]``.
+    ``in_features`` is one width for all heads or one per head (heterogeneous peers). ``forward(features)``
+    takes the list of the H heads' features (each as :func:`pool_features` accepts: ``[B, width]``, tokens
+    or a feature map) and returns ``[B, num_classes]``.
     """
 
-    def __init__(self, in_features: int, heads: int, num_classes: int):
+    def __init__(self, in_features: int | Sequence[int], heads: int, num_classes: int):
         super().__init__()
-        if min(in_features, heads, num_classes) < 1:
-            raise HeadsurgeonError(f"PeerEnsemble needs positive sizes, got {in_features}, {heads}, {num_classes}")
-        self.in_features, self.heads, self.num_classes = int(in_features), int(heads), int(num_classes)
-        self.fc = nn.Linear(self.in_features * self.heads, self.num_classes)
+        widths = [int(in_features)] * int(heads) if isinstance(in_features, int) else [int(w) for w in in_features]
+        if len(widths) != heads or min([*widths, heads, num_classes]) < 1:
+            raise HeadsurgeonError(f"PeerEnsemble needs positive sizes and one width per head, got {in_features}, "
+                                   f"{heads}, {num_classes}")
+        self.widths, self.heads, self.num_classes = widths, int(heads), int(num_classes)
+        self.in_features = widths[0] if len(set(widths)) == 1 else None  # one width for all, else None
+        self.fc = nn.Linear(sum(widths), self.num_classes)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(features) != self.heads:
             raise HeadsurgeonError(f"PeerEnsemble takes {self.heads} heads' features, got {len(features)}")
-        return self.fc(torch.cat([pool_features(f, self.in_features, "PeerEnsemble") for f in features], 1))
+        return self.fc(torch.cat([pool_features(f, w, "PeerEnsemble") for f, w in zip(features, self.widths)], 1))
 
 
 @register
@@ -455,13 +459,16 @@ class PCL(Objective):
     (:class:`PeerEnsemble`, from ``make_modules(channels, heads, num_classes)``), and every *other*
     peer's temporal mean z'_l (its logits under EMA weights, on the same batch, detached).
 
-    **State the trainer must hold**: an EMA copy of the whole tree (decay ``ema_decay``; the
-    re-implementation uses a = min(1 - 1/(step + 1), 0.999) and runs the EMA copy in train mode, so
-    its BatchNorm statistics update), updated after every optimiser step and saved/restored with the
-    checkpoint; each step it runs on the batch under ``no_grad`` and its per-head logits are passed as
-    ``mean_logits``. The exported head is that EMA copy's head ("we use a temporal mean model of a
-    peer for deployment"). The trainer must also hand over each head's pre-logits features
-    (``features``, a list of H tensors) and the :class:`PeerEnsemble` (``modules``).
+    **What the trainer provides** (``headsurgeon.train``): ``features`` are the inputs of each head's
+    classifier (timm's ``pretrained_cfg['classifier']``, caught by a forward pre-hook: the pooled
+    pre-logits features), and the temporal mean is the run's EMA tree (:class:`timm.utils.ModelEmaV3`,
+    decay ``ema_decay`` with the re-implementation's warm-up a = min(1 - 1/(step + 1), ema_decay)),
+    updated after every optimiser step and saved/restored with the checkpoint. Each step the EMA tree
+    runs on the batch in train mode under ``no_grad`` (as the re-implementation does: its BatchNorm
+    statistics follow its own batches; ModelEmaV3 also averages them toward the live tree's at the
+    EMA rate, which the re-implementation does not), and its per-head logits are ``mean_logits``.
+    The exported head is that EMA tree's head ("we use a temporal mean model of a peer for
+    deployment"): the trainer evaluates, chooses and saves the EMA tree.
 
     No official code exists (research notes §6); T=3, the 1/(H-1) and the EMA decay are the
     re-implementation's choices, not verified against the paper. The paper also gives each peer
@@ -481,7 +488,8 @@ class PCL(Objective):
             raise HeadsurgeonError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         super().__post_init__()
 
-    def make_modules(self, feature_channels: int, heads: int, num_classes: int | None = None) -> nn.Module | None:
+    def make_modules(self, feature_channels: int | Sequence[int], heads: int,
+                     num_classes: int | None = None) -> nn.Module | None:
         if heads < 2:
             return None
         if num_classes is None:

@@ -147,16 +147,21 @@ class DataCfg(_Section):
 
 
 class LossCfg(_Section):
-    objective: Literal["cl", "dml", "one", "kdcl"] = Field(
+    objective: Literal["cl", "dml", "one", "kdcl", "pcl"] = Field(
         "cl", description="cl: the paper's (Song & Chai 2018); dml: Deep Mutual Learning; one: On-the-fly Native "
-        "Ensemble (a learned gate over the heads, not part of the collapsed model); kdcl: KDCL-MinLogit "
+        "Ensemble (a learned gate over the heads, not part of the collapsed model); kdcl: KDCL-MinLogit; pcl: Peer "
+        "Collaborative Learning (a peer-ensemble classifier over the heads' features, not part of the collapsed "
+        "model, and a temporal mean (EMA) of the tree, which is what is evaluated and exported) "
         "(docs/concepts.md, Objectives)")
     beta: Prob = Field(0.5, description="cl only: weight of the hard (label) term")
     temperature: float | None = Field(None, gt=0, description="soft-target temperature (null: the objective's own "
-                                      "default: cl 2, dml 1, one 3, kdcl 3)")
-    t2: bool = Field(False, description="cl only: multiply the soft term by T^2 (dml/one/kdcl always do)")
-    ramp: int = Field(0, ge=0, description="dml/one/kdcl: epochs of the exp(-5(1-e/ramp)^2) ramp-up of the soft "
+                                      "default: cl 2, dml 1, one 3, kdcl 3, pcl 3)")
+    t2: bool = Field(False, description="cl only: multiply the soft term by T^2 (dml/one/kdcl/pcl always do)")
+    ramp: int = Field(0, ge=0, description="dml/one/kdcl/pcl: epochs of the exp(-5(1-e/ramp)^2) ramp-up of the soft "
                       "terms (0: full weight from the start; ONE's official scripts use 80)")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="pcl only: decay of the temporal mean (EMA) of the tree, "
+                             "after a warm-up min(1 - 1/(step + 1), ema_decay) (the PCL re-implementation's 0.999); "
+                             "pcl evaluates and exports that temporal mean, so the 'ema' key stays off")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the hard term")
 
 
@@ -318,6 +323,9 @@ class Recipe(_Section):
             raise ValueError("'model_kwargs' is a list (one mapping per model) but 'model' is one name; give a mapping")
         if self.pretrained and self.weights:
             raise ValueError("'pretrained' and 'weights' both give starting weights; use one of them")
+        if self.loss.objective == "pcl" and self.ema is not False:
+            raise ValueError("'ema' is set but loss.objective 'pcl' keeps its own temporal mean (EMA) of the tree, which "
+                             "is evaluated and exported; set its decay with 'loss.ema_decay' and leave 'ema' off")
         if d.folds is not None and d.dataset != "digits":
             raise ValueError(f"'data.folds' partitions the digits dataset only; '{d.dataset}' has its own test split "
                              f"('data.test_split')")

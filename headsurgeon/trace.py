@@ -17,12 +17,14 @@ import torch
 from torch import fx, nn
 from torchvision.models.feature_extraction import NodePathTracer
 
-from timm.layers import DropBlock2d, DropPath, PatchDropout, get_notrace_functions, get_notrace_modules
+from timm.layers import DropBlock2d, DropPath, Linear, PatchDropout, get_notrace_functions, get_notrace_modules
 
 from .errors import HeadsurgeonError
 from .verify import train_mode
 
-EXTRA_LEAVES = (DropPath, DropBlock2d, PatchDropout)
+# timm's Linear (nn.Linear plus a TorchScript bias cast; the classifier of MobileNetV3, GhostNet, ...) is kept
+# whole like torch's own, so a head's classifier is called as a module and a hook sees its input (PCL's features)
+EXTRA_LEAVES = (DropPath, DropBlock2d, PatchDropout, Linear)
 
 
 class HeadTracer(NodePathTracer):

@@ -22,8 +22,8 @@ from .rundir import EMA_FILE, OBJECTIVE_FILE, RUNS, STATE_FILE, RunDir, latest_r
     set_rng_state
 from .tree import HeadTree, split
 
-__all__ = ["train", "evaluate", "train_epoch", "objective_for", "mixup_for", "tree_for", "build", "restore", "RUNS",
-           "STATE_FILE", "latest_run"]
+__all__ = ["train", "evaluate", "train_epoch", "objective_for", "mixup_for", "tree_for", "temporal_mean", "build",
+           "restore", "RUNS", "STATE_FILE", "latest_run"]
 
 
 def objective_for(recipe: R.Recipe) -> O.Objective:
@@ -37,6 +37,8 @@ def objective_for(recipe: R.Recipe) -> O.Objective:
         params.update(beta=loss.beta, t2=loss.t2)
     else:
         params["ramp"] = loss.ramp
+    if loss.objective == "pcl":
+        params["ema_decay"] = loss.ema_decay
     return O.get(loss.objective, **params)
 
 
@@ -94,8 +96,9 @@ class Run:
     tree: HeadTree
     model: Any  # the tree, compiled and/or DDP-wrapped
     objective: O.Objective
-    modules: torch.nn.Module | None  # the objective's own (ONE's gate); DDP-wrapped under DDP
-    features: dict[str, Any]  # filled by a hook: the trunk output at the first fork, for ONE
+    modules: torch.nn.Module | None  # the objective's own (ONE's gate, PCL's peer ensemble); DDP-wrapped under DDP
+    features: dict[str, Any]  # filled by hooks: "fork", the trunk output at the first fork (ONE); 0..H-1, each
+    # head's classifier input (PCL)
     optimizer: Any
     scheduler: Any
     scaler: Any
@@ -215,12 +218,57 @@ def _fork_features(tree: HeadTree, data_cfg: dict[str, Any]) -> tuple[dict[str, 
     return box, int(f.shape[1] if f.ndim == 4 else f.shape[-1])  # NCHW; tokens [B, N, C]; [B, C]
 
 
+def _head_features(tree: HeadTree, data_cfg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    """Hook every head's classifier (:meth:`HeadTree.classifier`) so each forward leaves its input, the
+    head's pre-logits features, in a dict under the head's index, and tell their widths from a probe
+    batch: what PCL's peer ensemble concatenates. A pre-hook on the classifier reads exactly what
+    timm's ``forward_head(pre_logits=True)`` returns (pooled, normed, after head dropout), which fx
+    segments do not offer."""
+    box: dict[Any, Any] = {}
+    for j in range(tree.num_heads):
+        tree.classifier(j).register_forward_pre_hook(lambda m, args, j=j: box.__setitem__(j, args[0]))
+    p = next(tree.parameters())
+    from .verify import eval_mode
+
+    with eval_mode(tree), torch.no_grad():
+        tree(torch.zeros(1, *data_cfg["input_size"], device=p.device, dtype=p.dtype))
+    if len(box) != tree.num_heads:
+        raise HeadsurgeonError(f"loss.objective 'pcl' reads each head's classifier input, but the classifier of "
+                               f"{tree.spec.label} ran for {len(box)} of {tree.num_heads} heads; use another "
+                               f"objective")
+    widths = []
+    for j in range(tree.num_heads):
+        f, m = box.pop(j), tree.classifier(j)
+        width = getattr(m, "in_features", None) or getattr(m, "in_channels", None)  # Linear; a 1x1 conv classifier
+        widths.append(int(width or (f.shape[1] if f.ndim in (2, 4) else f.shape[-1])))
+    return box, widths
+
+
+def temporal_mean(tree: HeadTree, objective: O.Objective, decay: float | bool = False) -> Any:
+    """The run's EMA of the tree (timm's ``ModelEmaV3``), or None.
+
+    PCL's temporal mean and the recipe's ``ema`` are one thing, not two: both are an EMA of the
+    tree that is evaluated, chosen on validation and saved in ``best/`` (and in ``last/ema.safetensors``
+    for resuming). PCL needs the same copy also as its peer-mean teacher, with its own decay
+    (``loss.ema_decay``) and the re-implementation's warm-up a = min(1 - 1/(k + 1), decay) at the k-th
+    optimizer step (0-based; ``update_after_step=-1`` makes timm's warm-up 1 - (1 + k)^-1 count from
+    the first step), so the recipe refuses ``ema`` with ``pcl`` rather than keeping two copies.
+    Made before any feature hook is registered: it is a deep copy and would carry the hooks.
+    """
+    from timm.utils import ModelEmaV3
+
+    if objective.needs_mean_logits:
+        return ModelEmaV3(tree, decay=objective.ema_decay, use_warmup=True, warmup_gamma=1.0, warmup_power=1.0,
+                          update_after_step=-1)
+    return ModelEmaV3(tree, decay=decay) if decay else None
+
+
 def build(recipe: R.Recipe, name: str = "run", output: str | None = None, resume: bool = False,
           log: Callable[[str], None] = print) -> Run:
     """Process group, run directory (locked), data, tree, objective, optimizer, schedule, AMP, EMA, DDP."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV3, NativeScaler, random_seed
+    from timm.utils import NativeScaler, random_seed
 
     r = recipe
     proc = _process(r.device)
@@ -250,14 +298,18 @@ def build(recipe: R.Recipe, name: str = "run", output: str | None = None, resume
     spec = tree.spec
     data_cfg = D.data_config(r, spec.pretrained_cfg, spec.model_args.get("in_chans", 3))
     objective = objective_for(r)
+    ema = temporal_mean(tree, objective, r.ema)  # before the hooks below
     features: dict[str, Any] = {}
     modules = None
-    if objective.feature_source == "fork" and tree.num_heads > 1:
-        features, channels = _fork_features(tree, data_cfg)
+    if objective.feature_source is not None and tree.num_heads > 1:
+        if objective.feature_source == "fork":
+            features, channels = _fork_features(tree, data_cfg)
+        elif objective.feature_source == "heads":
+            features, channels = _head_features(tree, data_cfg)
+        else:
+            raise HeadsurgeonError(f"loss.objective '{objective.name}' needs features from "
+                                   f"'{objective.feature_source}', which training does not provide")
         modules = objective.make_modules(channels, tree.num_heads, splits.num_classes)
-    elif objective.feature_source is not None:
-        raise HeadsurgeonError(f"loss.objective '{objective.name}' needs per-head features, which training does not "
-                               f"provide yet; use cl, dml, one or kdcl")
     if modules is not None:
         modules.to(dev)
 
@@ -271,9 +323,8 @@ def build(recipe: R.Recipe, name: str = "run", output: str | None = None, resume
     except (ValueError, TypeError, AssertionError) as e:
         raise HeadsurgeonError(f"optimizer '{r.optim.opt}' cannot be created: {str(e).splitlines()[0][:200]} "
                                f"(optim.* keys; timm.optim.list_optimizers() names them)") from None
-    if modules is not None:  # the objective's own parameters (ONE's gate), decayed like the heads' weights
+    if modules is not None:  # the objective's own parameters (ONE's gate, PCL's peer ensemble), decayed like the heads'
         optimizer.add_param_group({"params": list(modules.parameters())})
-    ema = ModelEmaV3(tree, decay=r.ema) if r.ema else None
     model: Any = tree
     if r.compile:
         model = torch.compile(tree, backend=r.compile if isinstance(r.compile, str) else "inductor")
@@ -367,6 +418,9 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, list[float], dict[str, Any
     run.model.train()
     if run.modules is not None:
         run.modules.train()
+    teacher = run.ema.module if run.objective.needs_mean_logits and heads > 1 else None
+    if teacher is not None:  # PCL's temporal mean runs on each batch in train mode, as the re-implementation does
+        teacher.train()
     run.objective.set_epoch(epoch)
     mixup = run.mixup if run.mixup is not None and (not r.data.mixup_off_epoch or epoch < r.data.mixup_off_epoch) \
         else None
@@ -392,7 +446,11 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, list[float], dict[str, Any
         with sync:
             with run.autocast():
                 outs = run.model(x)
-                out = run.objective(outs, target, features=run.features.pop("fork", None), modules=run.modules)
+                mean = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        mean = teacher(x)
+                out = run.objective(outs, target, features=_features(run), modules=run.modules, mean_logits=mean)
             loss = out.loss
             if not torch.isfinite(loss).item():
                 raise HeadsurgeonError(f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1}; stopped, keeping "
@@ -439,6 +497,16 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, list[float], dict[str, Any
     if run.objective.name in ("one", "pcl") and heads > 1:
         logged["teacher_ce"] = round(t[2][0], 5)
     return stats[0].item() / n, fit, logged
+
+
+def _features(run: Run) -> Any:
+    """What the objective's ``features`` are this step, taken from the hooks' dict (see :func:`build`)."""
+    source = run.objective.feature_source
+    if source is None or run.modules is None:
+        return None
+    if source == "fork":
+        return run.features.pop("fork")
+    return [run.features.pop(j) for j in range(run.tree.num_heads)]
 
 
 def _gather(run: Run, obj: Any) -> list[Any]:
@@ -489,7 +557,8 @@ def _summary(run: Run, finished: bool, wall: float, best: dict[str, Any] | None 
     sp = run.splits
     return {"run": str(run.dir), "finished": finished, "epochs_done": len(run.history), "epochs": run.recipe.epochs,
             "best_epoch": best["epoch"], "best_head": best["head"], "heads": heads, "ensemble": ens,
-            "objective": run.objective.describe(), "weights": "ema" if run.recipe.ema else "model", "best_dir": "best",
+            "objective": run.objective.describe(), "weights": "ema" if run.ema is not None else "model",
+            "best_dir": "best",
             "num_classes": sp.num_classes, "label_names": sp.label_names, "samples": sp.sizes(),
             "label_noise": sp.noise, "device": str(run.proc.device), "world_size": run.proc.world,
             "wall_time_s": round(wall, 1)}
@@ -551,6 +620,8 @@ def fit(run: Run, stop_after: int | None = None) -> dict[str, Any]:
                                    f"batch, e.g. --set data.batch_size={max(1, r.data.batch_size // 2)}") from None
         if proc.distributed and not (r.sync_bn and proc.device.type == "cuda"):
             distribute_bn(run.tree, proc.world, reduce=True)  # average BN running stats over ranks
+            if run.objective.needs_mean_logits:  # PCL's temporal mean updates its own BN stats on each rank's batches
+                distribute_bn(run.ema.module, proc.world, reduce=True)
         lr = run.optimizer.param_groups[0]["lr"]  # the lr this epoch ended with (before the epoch step)
         judged = run.ema.module if run.ema is not None else run.tree
         metrics = {k: evaluate(judged, v, proc.device, run.autocast, r.channels_last, proc.distributed)

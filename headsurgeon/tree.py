@@ -331,7 +331,8 @@ class HeadTree(nn.Module):
         """Head ``head``'s classifier (the module timm's ``pretrained_cfg['classifier']`` names) in its last
         segment: its input is the head's pre-logits features, which training reads with a forward pre-hook."""
         self.path(head)  # validates the index
-        names = self.spec.pretrained_cfg.get("classifier") or ()
+        peer = self.spec.peer(head)  # heterogeneous peers name their own classifiers
+        names = peer.pretrained_cfg.get("classifier") or ()
         leaf = self.levels[-1][head]
         found = []
         for name in [names] if isinstance(names, str) else names:
@@ -340,7 +341,7 @@ class HeadTree(nn.Module):
             except AttributeError:
                 pass
         if len(found) != 1:
-            raise HeadsurgeonError(f"{self.spec.architecture} has {len(found)} classifiers named by its pretrained_cfg "
+            raise HeadsurgeonError(f"{peer.architecture} has {len(found)} classifiers named by its pretrained_cfg "
                                    f"({names or 'none'}) in head {head}'s last segment; per-head features need exactly one")
         return found[0]
 
