@@ -13,6 +13,20 @@ Rows (the paper's CIFAR-10 table, plus its rescaling ablation)::
     hier4           4 heads, hierarchical sharing          (split.at=[layer3, layer4], fanout [2, 2])
     hier4-norescale hier4 with the backprop-rescaling ops off (split.rescale=false)
 
+Objective rows (issue 12: the online-distillation objectives on the same budget). They are not in the
+default ``--rows`` (a grid resumed with its old command does not grow); run them with
+``--rows dml4,one4,kdcl4,pcl4 --noise 0,0.4`` into the same ``--out``::
+
+    dml4            4 independent instances, Deep Mutual Learning       (inst4's tree, loss.objective=dml)
+    one4            4 heads, simple sharing, ONE's gate                  (split.at=[layer3], loss.objective=one)
+    kdcl4           4 heads, hierarchical sharing, KDCL-MinLogit         (hier4's tree, loss.objective=kdcl)
+    pcl4            4 heads, simple sharing, PCL (temporal-mean export)  (one4's tree, loss.objective=pcl)
+
+ONE's and PCL's papers branch a CIFAR ResNet after its shared low stages (each branch owns the last
+stage and a classifier); here every branch owns layer3 + layer4, the simple-sharing point of heads2,
+so one4 and pcl4 share a tree and differ only in the objective. dml4 vs inst4 and kdcl4 vs hier4
+compare an objective with cl on the same tree.
+
 Design (measured numbers are in docs/paper.md, "Our reproduction on digits"):
 
 * **k-fold CV over all 1,797 images** (``data.folds``/``data.fold``): fold k of a fixed, class-stratified
@@ -32,7 +46,7 @@ Design (measured numbers are in docs/paper.md, "Our reproduction on digits"):
   head's test accuracy at that epoch (mean head, best-by-test head, the chosen head's rank) and the
   same at the final epoch (no early stopping).
 
-    python benchmarks/paper.py --quick                      # a few minutes: every row, 0 and 40 % noise, 1 fold
+    python benchmarks/paper.py --quick                      # a few minutes: the paper's rows, 0 and 40 % noise, 1 fold
     python benchmarks/paper.py --jobs 2                     # the full grid (see --help for the defaults)
     python benchmarks/paper.py --report-only --out DIR      # re-print the table from DIR/cells.jsonl
 
@@ -65,10 +79,19 @@ ROWS: dict[str, list[str]] = {
     "heads2": ["split.at=[layer3]", "split.heads=2"],
     "hier4": ["split.at=[layer3, layer4]", "split.heads=4", "split.fanout=[2, 2]"],
     "hier4-norescale": ["split.at=[layer3, layer4]", "split.heads=4", "split.fanout=[2, 2]", "split.rescale=false"],
+    # the objectives (issue 12); new rows only add cells: the rows above and their cell keys never change
+    "dml4": ["split.at=[input]", "split.heads=4", "loss.objective=dml"],
+    "one4": ["split.at=[layer3]", "split.heads=4", "loss.objective=one"],
+    "kdcl4": ["split.at=[layer3, layer4]", "split.heads=4", "split.fanout=[2, 2]", "loss.objective=kdcl"],
+    "pcl4": ["split.at=[layer3]", "split.heads=4", "loss.objective=pcl"],
 }
+OBJECTIVE_ROWS = ("dml4", "one4", "kdcl4", "pcl4")
+GRID_ROWS = [r for r in ROWS if r not in OBJECTIVE_ROWS]  # the default --rows: the paper's table
 LABELS = {"single": "Single instance", "ls": "Label smoothing (0.05)", "inst2": "2 instances", "inst4": "4 instances",
           "heads2": "2 heads w/ simple ILR sharing", "hier4": "4 heads w/ hierarchical ILR sharing",
-          "hier4-norescale": "4 heads hierarchical, rescaling off"}
+          "hier4-norescale": "4 heads hierarchical, rescaling off", "dml4": "DML, 4 instances",
+          "one4": "ONE, 4 heads simple sharing", "kdcl4": "KDCL, 4 heads hierarchical",
+          "pcl4": "PCL, 4 heads simple sharing (temporal mean)"}
 # the paper's CIFAR-10 ResNet-32 test error (%), its table (0 %) and its noisy-label figure (digitised, approximate)
 PAPER = {"single": {0.0: "6.66 ± 0.21", 0.1: "≈9.2", 0.3: "≈11.4", 0.5: "≈13.7"},
          "ls": {0.0: "6.83 ± 0.14"},
@@ -76,7 +99,7 @@ PAPER = {"single": {0.0: "6.66 ± 0.21", 0.1: "≈9.2", 0.3: "≈11.4", 0.5: "�
          "inst4": {0.0: "6.16 ± 0.17", 0.1: "≈7.2", 0.3: "≈9.2", 0.5: "≈11.45"},
          "heads2": {0.0: "5.97 ± 0.07", 0.1: "≈7.25", 0.3: "≈9.2", 0.5: "≈11.8"},
          "hier4": {0.0: "5.86 ± 0.13", 0.1: "≈7.05", 0.3: "≈9.1", 0.5: "≈11.9"},
-         "hier4-norescale": {}}
+         "hier4-norescale": {}, "dml4": {}, "one4": {}, "kdcl4": {}, "pcl4": {}}
 
 # shared by every row; the per-cell keys (fold, seeds, noise) are added in overrides()
 SETTINGS = {
@@ -145,15 +168,20 @@ def _heads_at(row_metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _fit(run: Path, recipe: dict[str, Any]) -> dict[str, Any]:
-    """The last checkpoint on its own training images, without augmentation: top-1 against the noisy
-    labels it was trained on, against the true labels, and on the flipped images the share predicted
-    as their wrong (noisy) label ('memorised') or their true label ('corrected'). Mean over heads."""
+    """The last checkpoint (its EMA where the run has one) on its own training images, without
+    augmentation: top-1 against the noisy labels it was trained on, against the true labels, and on
+    the flipped images the share predicted as their wrong (noisy) label ('memorised') or their true
+    label ('corrected'). Mean over heads."""
+    import safetensors.torch
     import torch
 
     from headsurgeon import data as D
+    from headsurgeon.rundir import EMA_FILE
     from headsurgeon.tree import HeadTree
 
     tree = HeadTree.load(run / "last").eval()
+    if (run / "last" / EMA_FILE).is_file():  # the weights the run evaluates (pcl: its temporal mean), not the live ones
+        safetensors.torch.load_model(tree, str(run / "last" / EMA_FILE))
     sp = D.splits(recipe)
     tr = sp.train
     clean = D.View(tr.base, tr.indices)
@@ -345,7 +373,12 @@ def report(cells: list[dict[str, Any]], settings: dict[str, Any]) -> str:
              ("gain over single: inst4", "inst4", "single"), ("gain over single: inst2", "inst2", "single"),
              ("label smoothing vs single", "ls", "single"),
              ("sharing ≥ instances: hier4 vs inst4", "hier4", "inst4"), ("sharing ≥ instances: heads2 vs inst2", "heads2", "inst2"),
-             ("rescaling helps: hier4 vs hier4-norescale", "hier4", "hier4-norescale")]
+             ("rescaling helps: hier4 vs hier4-norescale", "hier4", "hier4-norescale"),
+             ("gain over single: dml4", "dml4", "single"), ("gain over single: one4", "one4", "single"),
+             ("gain over single: kdcl4", "kdcl4", "single"), ("gain over single: pcl4", "pcl4", "single"),
+             ("dml vs cl, 4 instances: dml4 vs inst4", "dml4", "inst4"),
+             ("kdcl vs cl, hierarchical: kdcl4 vs hier4", "kdcl4", "hier4"),
+             ("pcl vs one, simple sharing: pcl4 vs one4", "pcl4", "one4")]
     for n in noises:
         for name, a, b in tests:
             dep, k = pair(a, b, n, "best", "deployed", "deployed")
@@ -362,15 +395,16 @@ def report(cells: list[dict[str, Any]], settings: dict[str, Any]) -> str:
              and all(k in acc for k in (("single", n, f, s), (a, 0.0, f, s), ("single", 0.0, f, s)))]
         return (_gain(d) if d else "–"), len(d)
 
-    if 0.0 in noises and len(noises) > 1:
+    found = []
+    for n in noises if 0.0 in noises else []:
+        for a in ("hier4", "heads2", "inst4", "inst2", "dml4", "one4", "kdcl4", "pcl4"):
+            dep, k = robust(a, n, "best")
+            if n > 0 and k:
+                found.append(f"| {a} | {n:.0%} | {dep} | {robust(a, n, 'final')[0]} | {k} |")
+    if found:  # rows with no noisy cells yet (or no single to pair with) have nothing to say here
         lines += ["", "robustness to label noise: gain over single at the noise rate minus the gain at 0 % "
                   "(pp, paired by fold and seed; + = collaboration helps more under noise)", "",
-                  "| row | noise | deployed | final epoch | pairs |", "|---|---|---|---|---|"]
-        for n in noises:
-            for a in ("hier4", "heads2", "inst4", "inst2"):
-                dep, k = robust(a, n, "best")
-                if n > 0 and k:
-                    lines.append(f"| {a} | {n:.0%} | {dep} | {robust(a, n, 'final')[0]} | {k} |")
+                  "| row | noise | deployed | final epoch | pairs |", "|---|---|---|---|---|", *found]
     return "\n".join(lines) + "\n"
 
 
@@ -394,8 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", default="digits", choices=list(STUDIES),
                     help="digits: 5-fold CV of scikit-learn's digits; fashion-mnist: the 10k test set, settings in FM_SETTINGS")
     ap.add_argument("--quick", action="store_true",
-                    help=f"every row at noise {QUICK['noise']}, fold 0, seed 0, few epochs (a few minutes)")
-    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+                    help=f"the --rows rows at noise {QUICK['noise']}, fold 0, seed 0, few epochs (a few minutes)")
+    ap.add_argument("--rows", default=",".join(GRID_ROWS),
+                    help=f"rows to run, comma-separated, from {', '.join(ROWS)}, or 'all' (default: the paper's rows; "
+                    f"the report shows every row with cells in OUT)")
     ap.add_argument("--noise", default=None, help=f"comma-separated noise fractions (default {FULL['noise']})")
     ap.add_argument("--folds", type=int, default=None, help=f"digits: k of the k-fold partition (default {SETTINGS['folds']})")
     ap.add_argument("--fold-list", default=None, help="digits: which folds to run (default: all k)")
@@ -412,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="print the table from OUT/cells.jsonl and stop")
     a = ap.parse_args(argv)
 
-    rows = [r.strip() for r in a.rows.split(",") if r.strip()]
+    rows = list(ROWS) if a.rows.strip() == "all" else [r.strip() for r in a.rows.split(",") if r.strip()]
     bad = [r for r in rows if r not in ROWS]
     if bad:
         ap.error(f"unknown rows {bad}; choose from {list(ROWS)}")
@@ -458,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"ens {res['best']['ensemble']:.2f} (epoch {res['best_epoch']}), final {res['final']['deployed']:.2f}, "
                       f"fit noisy {res['fit_last']['fit_noisy']:.1f} [{res['wall_s']:.0f}s]", flush=True)
 
-    cells = [c for c in cells if c["row"] in rows]
+    cells = [c for c in cells if c["row"] in ROWS]  # every row with cells: the objective rows pair with single
     if not cells:
         print("no cells yet")
         return 0
@@ -467,10 +503,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / "summary.json").write_text(json.dumps({"settings": settings, "aggregate": aggregate(cells)}, indent=1) + "\n")
     print(text)
     grid_folds = base.get("folds", 1)
-    full_s, per = estimate(cells, list(ROWS), len(FULL["noise"]), grid_folds, len(FULL["seeds"]), base["epochs"], 2)
+    full_s, per = estimate(cells, rows, len(FULL["noise"]), grid_folds, len(FULL["seeds"]), base["epochs"], 2)
     print("measured seconds per cell at the full grid's epochs (" + ", ".join(f"{r} {s:.0f}" for r, s in per.items()) + ")")
-    if len(per) == len(ROWS):
-        print(f"estimated full grid ({len(ROWS)} rows x {len(FULL['noise'])} noise x {grid_folds} folds x "
+    if len(per) == len(rows):
+        print(f"estimated grid of these rows ({len(rows)} rows x {len(FULL['noise'])} noise x {grid_folds} folds x "
               f"{len(FULL['seeds'])} seeds, {base['epochs']} epochs): {full_s / 3600:.2f} h with --jobs 2 on 2 free cores, "
               f"{2 * full_s / 3600:.2f} h with --jobs 1")
     return 0
