@@ -377,10 +377,14 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--models", default=",".join(c[0] for c in CONFIGS))
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's); 1 on a shared, "
+                    "busy CPU, where OpenMP threads spin-wait on each other")
     ap.add_argument("--ckpt", action="store_true", help="gradient checkpointing: peak memory and step time")
     ap.add_argument("--json", default=None, help="results file (default benchmarks/results/speed.json, "
                     "speed-ckpt.json with --ckpt)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     cmd = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
     results = []

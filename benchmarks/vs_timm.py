@@ -3,7 +3,8 @@
 Both train the same timm model on the same images (an ImageFolder written from Fashion-MNIST, or
 scikit-learn's digits where the Fashion-MNIST files are absent) with the same batch size,
 optimizer, schedule, augmentation and loader (no AMP, no prefetcher, the same worker count), on
-CPU. Runs alternate (timm, headsurgeon, timm, headsurgeon, ...), each a fresh process.
+CPU. Runs alternate in pairs, timm first then headsurgeon first (A B B A A B ...), each a fresh
+process; the ratio is taken within each pair.
 
 What is timed, identically on both sides: the call of the function that trains one epoch
 (timm's ``train_one_epoch``, headsurgeon's ``headsurgeon.train.train_epoch``), wrapped by this
@@ -43,12 +44,22 @@ MIRROR = "/work/.mirror/huggingface+pytorch-image-models/repo"
 # ------------------------------------------------------------------ child processes (timed)
 
 def _timed(fn, out: Path):
-    """``fn`` with each call's wall time appended to ``out`` (one JSON number per line)."""
+    """``fn`` with each call's wall time appended to ``out`` (one JSON number per line); with the
+    environment variable VS_TIMM_PROFILE set, also a cProfile of the call in ``out`` + ``.prof``."""
 
     def wrapper(*args, **kwargs):
+        prof = None
+        if os.environ.get("VS_TIMM_PROFILE"):
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
         t = time.perf_counter()
         r = fn(*args, **kwargs)
         dt = time.perf_counter() - t
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(str(out) + ".prof")
         with open(out, "a") as f:
             f.write(json.dumps(dt) + "\n")
         return r
@@ -150,12 +161,18 @@ def run_side(side: str, args, cfg: dict, k: int) -> dict:
         argv = ["train", *[a for k_, v in cfg["hs"].items() for a in ("--set", f"{k_}={json.dumps(v)}")], "-o", str(out)]
         cmd = [sys.executable, __file__, "--child", "hs", "--child-times", str(times), "--", *argv]
     t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(args.threads)}
+    if args.profile:
+        env["VS_TIMM_PROFILE"] = "1"
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
     if p.returncode != 0 or not times.is_file():
         sys.exit(f"vs_timm: the {side} run failed (exit {p.returncode}): "
                  f"{(p.stderr or p.stdout).strip().splitlines()[-1:] or ['no output']}")
     epochs = [json.loads(x) for x in times.read_text().split()]
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        shutil.copy(str(times) + ".prof", Path(args.profile) / f"{side}-{k}.prof")
     return {"side": side, "epoch_s": epochs, "process_s": wall, "log_tail": (p.stdout + p.stderr)[-1500:]}
 
 
@@ -172,8 +189,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (OMP_NUM_THREADS). 1 by default: "
+                    "on a shared, oversubscribed CPU, OpenMP threads spin-wait on each other and a step slows 5-10x")
     ap.add_argument("--epochs", type=int, default=1, help="epochs per run (each is timed)")
     ap.add_argument("--repeats", type=int, default=3, help="timm/headsurgeon pairs, alternated")
+    ap.add_argument("--profile", default=None, metavar="DIR", help="also cProfile each timed epoch into DIR/<side>-<k>.prof "
+                    "(read with python -m pstats; the profiler slows both sides)")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "vs_timm.json"))
     ap.add_argument("--child", choices=["timm", "hs"], help=argparse.SUPPRESS)
     ap.add_argument("--child-script", help=argparse.SUPPRESS)
@@ -188,6 +209,7 @@ def main() -> None:
     import torch
     import timm
 
+    torch.set_num_threads(args.threads)
     cmd = "python benchmarks/vs_timm.py " + " ".join(sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="vs_timm-") as work:
         args.work = work
@@ -214,13 +236,13 @@ def main() -> None:
         print(f"{source}: {len(files)} training images each, {steps} steps of {args.batch} per epoch", flush=True)
         runs = []
         for k in range(args.repeats):
-            for side in ("timm", "hs"):
+            for side in ("timm", "hs") if k % 2 == 0 else ("hs", "timm"):  # ABBA: no side always runs second
                 r = run_side(side, args, cfg, k)
                 runs.append(r)
                 print(f"  {side:4s} run {k + 1}: epoch(s) {', '.join(f'{t:.2f}' for t in r['epoch_s'])} s "
                       f"(process {r['process_s']:.1f} s)", flush=True)
     # one ratio per pair and epoch: headsurgeon / timm, the pair's runs being neighbours in time
-    pairs = [(a, b) for a, b in zip(runs[0::2], runs[1::2])]
+    pairs = [sorted(p, key=lambda r: r["side"] != "timm") for p in zip(runs[0::2], runs[1::2])]  # (timm, hs)
     ratios = [h / t for a, b in pairs for t, h in zip(a["epoch_s"], b["epoch_s"])]
     med = statistics.median(ratios)
     timm_s = [t for r in runs if r["side"] == "timm" for t in r["epoch_s"]]
