@@ -22,7 +22,7 @@ test: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict -q
 
-# the main job on the embedded digits data, end to end, on CPU (about 5 minutes on 2 cores)
+# the main job on the embedded digits data, end to end, on CPU (about a minute on 2 free cores; README: OMP_NUM_THREADS=1 on a busy machine)
 demo: $(STAMP)
 	$(BIN)/headsurgeon demo
 
