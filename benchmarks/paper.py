@@ -507,8 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     print("measured seconds per cell at the full grid's epochs (" + ", ".join(f"{r} {s:.0f}" for r, s in per.items()) + ")")
     if len(per) == len(rows):
         print(f"estimated grid of these rows ({len(rows)} rows x {len(FULL['noise'])} noise x {grid_folds} folds x "
-              f"{len(FULL['seeds'])} seeds, {base['epochs']} epochs): {full_s / 3600:.2f} h with --jobs 2 on 2 free cores, "
-              f"{2 * full_s / 3600:.2f} h with --jobs 1")
+              f"{len(FULL['seeds'])} seeds, {base['epochs']} epochs): {full_s / 3600:.2f} h with --jobs 2, "
+              f"{2 * full_s / 3600:.2f} h with --jobs 1, at the measured cell times (they include whatever else "
+              f"the machine ran then; on free cores it is faster)")
     return 0
 
 
