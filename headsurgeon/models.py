@@ -33,7 +33,7 @@ def create(name: str, kwargs: dict[str, Any] | None = None, pretrained: bool = F
     """``timm.create_model`` with its failures turned into one-line errors (with a did-you-mean)."""
     kwargs = kwargs or {}
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             near = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
@@ -50,6 +50,12 @@ def create(name: str, kwargs: dict[str, Any] | None = None, pretrained: bool = F
                 f"offline? pass --weights FILE (weights=FILE) with a local safetensors or timm checkpoint"
             ) from None
         raise HeadsurgeonError(f"cannot create '{name}': {type(e).__name__}: {first}") from None
+    # timm's encoder-only models (e.g. qwen3_vit_*_enc) accept and ignore num_classes: their output is
+    # tokens, not logits, so there is no classifier to fork into heads
+    if kwargs.get("num_classes") and getattr(model, "num_classes", None) == 0:
+        raise HeadsurgeonError(f"'{name}' is an encoder without a classifier (it ignores num_classes="
+                               f"{kwargs['num_classes']}); headsurgeon forks classifier heads: choose a classification model")
+    return model
 
 
 def model_from_spec(spec: SplitSpec, head: int = 0) -> nn.Module:

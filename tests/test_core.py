@@ -405,3 +405,13 @@ def test_spec_is_validated():
         hs.SplitSpec.from_json(spec.to_json().replace('"format": 1', '"format": 99'))
     with pytest.raises(Exception):
         spec.heads = 4  # frozen
+
+
+def test_encoder_without_classifier_is_one_line():
+    """timm's encoder-only models ignore num_classes; splitting them into classifier heads is refused."""
+    from headsurgeon.errors import HeadsurgeonError
+    from headsurgeon.models import create
+
+    with pytest.raises(HeadsurgeonError, match="'qwen3_vit_88m_enc' is an encoder without a classifier"):
+        create("qwen3_vit_88m_enc", {"num_classes": 10, "device": "meta"})
+    assert create("resnet10t", {"num_classes": 10, "device": "meta"}).num_classes == 10
