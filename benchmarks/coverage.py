@@ -142,7 +142,7 @@ def _legacy_input(name: str, kwargs: dict) -> tuple[dict, tuple[int, int, int]]:
     import torch
     from headsurgeon.models import default_input_size
 
-    base = timm.create_model(name, device="meta", **{"num_classes": 10, **kwargs})
+    base = timm.create_model(name, device="meta", **kwargs)  # kwargs carry num_classes (run_one)
     cfg = tuple(default_input_size(base))
     fixed = getattr(base, "_traits", {}).get("fixed_input_size", base.pretrained_cfg.get("fixed_input_size", False))
     side = cfg[1]
@@ -526,9 +526,6 @@ FAILURE_CLASSES: list[tuple[str, str, str, str]] = [
      "retries at the old input"),
     ("encoder without a classifier", "not a classifier", "timm's encoder-only models (qwen3_vit_*_enc) ignore "
      "num_classes and output tokens", "out of scope: split/create now refuse them in one line (models.create)"),
-    ("Expected target size", "not a classifier", "the model's output is not [batch, classes] logits "
-     "(an encoder-only model, recorded before models.create refused them)",
-     "out of scope: split/create now refuse them in one line (models.create)"),
 ]
 
 
