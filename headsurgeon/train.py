@@ -22,6 +22,7 @@ from .errors import HeadsurgeonError
 from .rundir import EMA_FILE, OBJECTIVE_FILE, RUNS, STATE_FILE, RunDir, latest_run, new_run_path, rng_state, \
     set_rng_state
 from .tree import HeadTree, split
+from .verify import eval_mode
 
 __all__ = ["train", "evaluate", "train_epoch", "objective_for", "mixup_for", "tree_for", "temporal_mean", "build",
            "restore", "RUNS", "STATE_FILE", "latest_run"]
@@ -47,8 +48,6 @@ def evaluate(tree: HeadTree, loader, device: torch.device, autocast: Callable = 
              channels_last: bool = False, distributed: bool = False) -> dict[str, Any]:
     """Per-head and ensemble (mean of logits) top-1/top-5, exact over the whole split."""
     from timm.utils import accuracy
-
-    from .verify import eval_mode
 
     heads = tree.num_heads
     correct = torch.zeros(heads + 1, 2, dtype=torch.float64, device=device)
@@ -197,6 +196,14 @@ def tree_for(recipe: R.Recipe, classes: int) -> HeadTree:
                  input_size=({**kwargs, **(per or [{}])[0]}.get("in_chans", 3), size, size), **kwargs)
 
 
+def _probe(tree: HeadTree, data_cfg: dict[str, Any]) -> None:
+    """One eval-mode forward of a zero batch, so that the feature hooks just registered fill their dict
+    and reveal the feature widths before the objective's modules are built."""
+    p = next(tree.parameters())
+    with eval_mode(tree), torch.no_grad():
+        tree(torch.zeros(1, *data_cfg["input_size"], device=p.device, dtype=p.dtype))
+
+
 def _fork_features(tree: HeadTree, data_cfg: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """Hook the trunk (level 0) so each forward leaves its output at the first fork in a dict, and
     tell its channel count from a probe batch: what ONE's gate pools. With ``split.at: [input]``
@@ -210,11 +217,7 @@ def _fork_features(tree: HeadTree, data_cfg: dict[str, Any]) -> tuple[dict[str, 
         raise HeadsurgeonError("loss.objective 'one' needs a tensor at the first fork; this tree passes none")
 
     tree.levels[0][0].register_forward_hook(lambda m, i, out: box.__setitem__("fork", first_tensor(out)))
-    p = next(tree.parameters())
-    from .verify import eval_mode
-
-    with eval_mode(tree), torch.no_grad():
-        tree(torch.zeros(1, *data_cfg["input_size"], device=p.device, dtype=p.dtype))
+    _probe(tree, data_cfg)
     f = box.pop("fork")
     return box, int(f.shape[1] if f.ndim == 4 else f.shape[-1])  # NCHW; tokens [B, N, C]; [B, C]
 
@@ -228,11 +231,7 @@ def _head_features(tree: HeadTree, data_cfg: dict[str, Any]) -> tuple[dict[str, 
     box: dict[Any, Any] = {}
     for j in range(tree.num_heads):
         tree.classifier(j).register_forward_pre_hook(lambda m, args, j=j: box.__setitem__(j, args[0]))
-    p = next(tree.parameters())
-    from .verify import eval_mode
-
-    with eval_mode(tree), torch.no_grad():
-        tree(torch.zeros(1, *data_cfg["input_size"], device=p.device, dtype=p.dtype))
+    _probe(tree, data_cfg)
     if len(box) != tree.num_heads:
         raise HeadsurgeonError(f"loss.objective 'pcl' reads each head's classifier input, but the classifier of "
                                f"{tree.spec.label} ran for {len(box)} of {tree.num_heads} heads; use another "
