@@ -38,7 +38,26 @@ def digits_folds(targets: Sequence[int], folds: int) -> list[int]:
     return fold
 
 
-class Digits(Dataset):
+class _GreyImages(Dataset):
+    """Grey uint8 images (``images``: [N, H, W]) with int ``targets``, served as PIL 'L' images through
+    ``transform`` as torchvision's datasets serve them, so timm's transforms apply unchanged."""
+
+    images: np.ndarray
+    targets: list[int]
+    classes: list[str]
+    transform: Any = None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        from PIL import Image
+
+        img = Image.fromarray(self.images[i], mode="L")
+        return (self.transform(img) if self.transform else img), self.targets[i]
+
+
+class Digits(_GreyImages):
     """scikit-learn's handwritten digits as grey PIL images (values 0..16 scaled to 0..255).
 
     Without ``folds``: a fixed 1,437 train / 360 test split. With ``folds=k``: fold ``fold`` of
@@ -63,15 +82,6 @@ class Digits(Dataset):
         self.targets = [int(t) for t in d.target[idx]]
         self.classes = [str(i) for i in range(10)]
         self.transform = None
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[Any, int]:
-        from PIL import Image
-
-        img = Image.fromarray(self.images[i], mode="L")
-        return (self.transform(img) if self.transform else img), self.targets[i]
 
 
 FASHION_MNIST = "fashion-mnist"
@@ -115,7 +125,7 @@ def _idx_path(root: Path, stem: str) -> Path:
     raise HeadsurgeonError(f"Fashion-MNIST file '{stem}[.gz]' is missing in '{root}'; {_MISSING}")
 
 
-class FashionMNIST(Dataset):
+class FashionMNIST(_GreyImages):
     """Fashion-MNIST (Xiao et al. 2017) from its four IDX files: 60,000 train / 10,000 test 28x28
     grey images, 10 classes. ``split`` 'train' reads the train files; 'test', 'validation' and 't10k'
     read the test files (our validation split is carved from train, never from these)."""
@@ -137,15 +147,6 @@ class FashionMNIST(Dataset):
         self.images, self.targets = images, [int(t) for t in labels]
         self.classes = list(FASHION_MNIST_CLASSES)
         self.transform = None
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[Any, int]:
-        from PIL import Image
-
-        img = Image.fromarray(self.images[i], mode="L")
-        return (self.transform(img) if self.transform else img), self.targets[i]
 
 
 class View(Dataset):
