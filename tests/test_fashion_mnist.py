@@ -117,7 +117,8 @@ def test_one_channel_loader_normalises_with_the_recipe_statistics(tmp_path):
     x3, _ = next(iter(D.loader(sp.test, plain, cfg3, False, torch.device("cpu"))))
     assert x3.shape == (16, 3, 28, 28)  # grey replicated to RGB for a 3-channel (e.g. pretrained) model
     pixels = [x3[:, c] * cfg3["std"][c] + cfg3["mean"][c] for c in range(3)]
-    torch.testing.assert_close(pixels[0], pixels[1]) and torch.testing.assert_close(pixels[0], pixels[2])
+    torch.testing.assert_close(pixels[0], pixels[1])  # (assert_close returns None: one call per check)
+    torch.testing.assert_close(pixels[0], pixels[2])
     torch.testing.assert_close(pixels[0][0], torch.from_numpy(img.copy()).float() / 255)
 
 
