@@ -132,18 +132,100 @@ def _grads_by_original_name(module):
 
 @pytest.mark.parametrize("rescale", [True, False])
 def test_rescale_gradient_invariant(rescale):
+    # an uneven fan-out (2 then 3): with [2, 2] a fork scaled by another level's fan-out would pass unseen
     model = _resnet()
-    tree = hs.split(model, at=["layer3", "layer4"], heads=4, branch_init="copy", rescale=rescale, input_size=SIZE)
+    tree = hs.split(model, at=["layer3", "layer4"], heads=6, fanout=[2, 3], branch_init="copy", rescale=rescale,
+                    input_size=SIZE)
     x, y = _x(), torch.randint(0, 7, (4,))
     model.train(), tree.train()
     F.cross_entropy(model(x), y).backward()
     sum(F.cross_entropy(z, y) for z in tree(x)).backward()
     single = dict((n, p.grad) for n, p in model.named_parameters())
-    fan = {0: 4, 1: 2, 2: 1}  # heads below one copy at each level
+    fan = {0: 6, 1: 3, 2: 1}  # heads below one copy at each level
     for name, p in tree.named_parameters():
         level, key = int(name.split(".")[1]), name.split(".", 3)[3]
         factor = 1 if rescale else fan[level]
         torch.testing.assert_close(p.grad, factor * single[key], rtol=1e-4, atol=1e-6)
+
+
+def test_uneven_fanout_paths_and_collapse():
+    """Fan-out 3 then 2: path() and the forward's wiring must agree for every head (with [2, 2] a path
+    computed with the wrong level's fan-out gives the same indices)."""
+    tree = hs.split("resnet18", at=["layer3", "layer4"], heads=6, fanout=[3, 2], seed=4, num_classes=7,
+                    input_size=SIZE).eval()
+    assert [len(lv) for lv in tree.levels] == [1, 3, 6]
+    assert [tree.path(h) for h in range(6)] == [[0, 0, 0], [0, 0, 1], [0, 1, 2], [0, 1, 3], [0, 2, 4], [0, 2, 5]]
+    x = _x()
+    with torch.no_grad():
+        outs = tree(x)
+        for h in range(6):
+            assert max_abs_diff(hs.collapse(tree, h)(x), outs[h]) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- the checks that guard exactness
+
+def test_split_refuses_a_trace_that_differs_from_eager(monkeypatch):
+    """A Python value read in forward is frozen by tracing; the graph then computes something else than
+    the eager model, and split must refuse instead of returning a tree that is not the model."""
+    from timm.models.resnet import BasicBlock
+
+    calls, orig = [], BasicBlock.forward
+
+    def counting(self, x):
+        calls.append(1)
+        return orig(self, x) * len(calls)  # a constant in the graph; grows with every eager call
+
+    monkeypatch.setattr(BasicBlock, "forward", counting)
+    with pytest.raises(hs.HeadsurgeonError, match="differs from the eager model in (eval|train) mode .*cannot be cut"):
+        hs.split(_resnet(), at=["layer3"], heads=2, input_size=SIZE)
+
+
+def test_collapse_refuses_weights_that_are_not_the_heads(monkeypatch):
+    tree = hs.split(_resnet(), at=["layer4"], heads=2, seed=0, branch_init="independent", input_size=SIZE)
+    real = hs.HeadTree.head_state_dict
+    # the other head's path: loads strictly, computes the wrong logits
+    monkeypatch.setattr(hs.HeadTree, "head_state_dict", lambda self, h: real(self, 1 - h))
+    with pytest.raises(hs.HeadsurgeonError, match="collapsed head 1 differs from the tree by"):
+        tree.collapse(1)
+
+    def nudged(self, h):  # one bias off by 1e-4: ten times the tolerance
+        sd = dict(real(self, h))
+        sd["fc.bias"] = sd["fc.bias"] + 1e-4
+        return sd
+
+    monkeypatch.setattr(hs.HeadTree, "head_state_dict", nudged)
+    with pytest.raises(hs.HeadsurgeonError, match="collapsed head 0 differs from the tree"):
+        hs.collapse(tree, 0)
+    monkeypatch.setattr(hs.HeadTree, "head_state_dict",
+                        lambda self, h: {k: v for k, v in real(self, h).items() if k != "fc.weight"})
+    with pytest.raises(hs.HeadsurgeonError, match=r"head 0 \(path \[0, 0\]\) does not load into resnet18: .*fc.weight"):
+        tree.collapse(0)
+    monkeypatch.undo()
+    tree.collapse(0)  # and the real weights pass
+
+
+def test_export_refuses_files_that_reload_with_other_logits(tmp_path, monkeypatch):
+    import copy
+
+    import timm.models
+
+    tree = hs.split(_resnet(), at=["layer4"], heads=2, seed=0, branch_init="independent", input_size=SIZE)
+    model = hs.collapse(tree, 0)
+    real = timm.models.save_for_hf
+
+    def off_by_a_little(m, path, **kw):  # writes weights that are not quite the model's
+        other = copy.deepcopy(m)
+        with torch.no_grad():
+            other.fc.bias.add_(1e-5)
+        return real(other, path, **kw)
+
+    monkeypatch.setattr(timm.models, "save_for_hf", off_by_a_little)
+    with pytest.raises(hs.HeadsurgeonError, match="the exported model reloads with different logits"):
+        hs.export(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary folder left
+    monkeypatch.undo()
+    hs.export(model, tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
 # ----------------------------------------------------------------------------- variants
