@@ -239,7 +239,7 @@ def split_cmd(model: str, at: str, heads: int | None, fanout: str | None, num_cl
 @main.command("collapse")
 @click.argument("source", type=click.Path(), required=False)
 @click.option("--head", type=int, default=None, help="Which head to keep (default: a run's best head, or 0 for a tree directory).")
-@click.option("-o", "--output", default=None, type=click.Path(file_okay=False), help="Output directory (default <SOURCE>-head<N>).")
+@click.option("-o", "--output", default=None, type=click.Path(file_okay=False), help="Output directory (default <name of SOURCE>-head<N> in the current directory).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @_one_line_errors
 def collapse_cmd(source: str | None, head: int | None, output: str | None, overwrite: bool) -> None:

@@ -189,3 +189,24 @@ def test_cli_recipe_prints_the_resolved_recipe_and_the_schema(tmp_path):
     r = CliRunner().invoke(main, ["recipe", "--set", "epochs=0", "--set", "data.hflip=2"])
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
     assert "'epochs' is 0" in r.output and "'data.hflip' is 2" in r.output
+
+
+DOCS = RECIPES.parent / "docs"
+
+
+@pytest.mark.parametrize("page", ["quickstart.md", "concepts.md", "training.md"])
+def test_recipe_examples_in_the_docs_validate(page):
+    """Every ```yaml block of these pages is a recipe (or part of one) that validates as written."""
+    import re
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (DOCS / page).read_text(), re.S)
+    assert blocks, page
+    for block in blocks:
+        R.from_flat(R.flatten(R._yaml(block), page), page)
+
+
+def test_docs_name_every_resume_free_key():
+    text = (DOCS / "recipes.md").read_text()
+    line = text[text.index("Keys that may change when a run is resumed"):]
+    missing = [k for k in R.RESUME_FREE if f"`{k}`" not in line]
+    assert not missing, f"docs/recipes.md does not list resume-free keys {missing}"
