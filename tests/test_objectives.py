@@ -495,3 +495,60 @@ def test_logged_terms_are_detached_and_sum_over_heads(name):
     w = 0.5 if name == "cl" else 1.0
     assert one_head == pytest.approx(4 * (w * same.hard[0] + w * same.soft[0]).item(), rel=1e-12)
     assert same.hard[0].item() == pytest.approx(F.cross_entropy(zs[0], y).item(), abs=1e-12)
+
+
+# --- label smoothing and the ramp with several heads, on the §10 inputs ------------------------------
+
+ZE10 = [[1.51, 0.92, 0.04], [0.82, 0.94, 1.20]]                                  # §10 ONE teacher, from G10 by hand
+
+
+def _on_ref10(obj):
+    """``obj`` on the §10 inputs: ONE with the fixed gate output G10, PCL with ZPE10 and ZM10."""
+    Z, y = _z10(), torch.tensor(Y10)
+    if obj.name == "one":
+        return obj.from_weights(list(Z), y, torch.tensor(G10, dtype=torch.float64))
+    if obj.name == "pcl":
+        return obj.from_teachers(list(Z), y, torch.tensor(ZPE10, dtype=torch.float64),
+                                 list(torch.tensor(ZM10, dtype=torch.float64)))
+    return obj(list(Z), y)
+
+
+def _ce_ls(z, y, eps):
+    """CE against (1 - eps) onehot(y) + eps / C for one sample: (1 - eps) CE + eps (lse(z) - mean(z))."""
+    return (1 - eps) * _ce(z, y) + eps * (_lse(z) - sum(z) / len(z))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_label_smoothing_by_hand_with_several_heads(name):
+    """Smoothing enters every CE against the labels (each head's; ONE's and PCL's teacher's) and nothing else:
+    the one-head test cannot see this (it takes a separate path), nor can index-vs-one-hot (both smooth alike)."""
+    plain, smooth = _on_ref10(O.get(name)), _on_ref10(O.get(name, label_smoothing=0.1))
+    want = [_batch(lambda zs, t: _ce_ls(zs[h], t, 0.1), Z10, Y10) for h in range(3)]
+    assert [h.item() for h in smooth.hard] == pytest.approx(want, abs=1e-10)
+    assert [s.item() for s in smooth.soft] == pytest.approx([s.item() for s in plain.soft], abs=1e-12)
+    d_teacher = 0.0
+    teacher = {"one": ZE10, "pcl": ZPE10}.get(name)
+    if teacher is not None:
+        t_ls = sum(_ce_ls(teacher[b], Y10[b], 0.1) for b in range(2)) / 2
+        assert smooth.extra["teacher_ce"].item() == pytest.approx(t_ls, abs=1e-10)
+        d_teacher = t_ls - sum(_ce(teacher[b], Y10[b]) for b in range(2)) / 2
+    beta = 0.5 if name == "cl" else 1.0
+    d_hard = sum(want) - sum(_batch(lambda zs, t: _ce(zs[h], t), Z10, Y10) for h in range(3))
+    assert smooth.loss.item() - plain.loss.item() == pytest.approx(beta * d_hard + d_teacher, abs=1e-10)
+
+
+@pytest.mark.parametrize("name", ["dml", "one", "kdcl", "pcl"])
+def test_ramp_weighs_every_distillation_term(name):
+    """At epoch e of an 80-epoch ramp the loss is the w = 1 loss (its rows are checked above) less
+    (1 - w(e)) times the unweighted soft terms, w(e) = exp(-5 (1 - e/80)^2) by hand; the logged soft terms
+    stay unweighted. Only ONE's epoch-0 row was checked before: an objective that ignored w passed."""
+    full = _on_ref10(O.get(name))
+    soft = sum(s.item() for s in full.soft)
+    assert soft > 0.1
+    for epoch in (0, 40, 80, 200):
+        obj = O.get(name, ramp=80)
+        obj.set_epoch(epoch)
+        out = _on_ref10(obj)
+        w = math.exp(-5 * (1 - min(epoch, 80) / 80) ** 2)
+        assert [s.item() for s in out.soft] == pytest.approx([s.item() for s in full.soft], abs=1e-12)
+        assert out.loss.item() == pytest.approx(full.loss.item() - (1 - w) * soft, abs=1e-10), epoch
