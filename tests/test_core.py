@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pydantic
 import pytest
 import timm
 import torch
@@ -485,8 +486,9 @@ def test_spec_is_validated():
         hs.SplitSpec.from_json(spec.to_json().replace('"rescale": true', '"rescale": 1'))
     with pytest.raises(hs.HeadsurgeonError, match="newer headsurgeon"):
         hs.SplitSpec.from_json(spec.to_json().replace('"format": 1', '"format": 99'))
-    with pytest.raises(Exception):
-        spec.heads = 4  # frozen
+    with pytest.raises(pydantic.ValidationError, match="frozen"):  # not just any error
+        spec.heads = 4
+    assert spec.heads == 2
 
 
 def test_encoder_without_classifier_is_one_line():
