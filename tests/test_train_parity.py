@@ -73,10 +73,25 @@ def test_accumulated_micro_batches_update_like_one_batch(folder, tmp_path):  # n
 
 
 @pytest.mark.parametrize("mode", ["value", "agc"])
-def test_clip_modes_train(folder, tmp_path, mode):  # noqa: F811
+def test_clip_modes_train(folder, tmp_path, mode, monkeypatch):  # noqa: F811
+    """Clipping runs at every optimizer step with the recipe's value and mode (finishing alone would not show it)."""
+    import timm.utils
+
+    real, seen = timm.utils.dispatch_clip_grad, []
+
+    def spy(parameters, value, mode="norm", norm_type=2.0):
+        parameters = [p for p in parameters if p.grad is not None]
+        real(parameters, value, mode=mode, norm_type=norm_type)
+        seen.append((value, mode, max(p.grad.abs().max().item() for p in parameters)))
+
+    monkeypatch.setattr(timm.utils, "dispatch_clip_grad", spy)
     s = T.train(_recipe(folder, "epochs=1", "optim.clip_grad=0.01", f"optim.clip_mode={mode}"),
                 output=str(tmp_path / "r"), log=_quiet)
     assert s["finished"]
+    assert len(seen) == 4  # 36 training images in batches of 8, the last one dropped: 4 optimizer steps
+    assert {(v, m) for v, m, _ in seen} == {(0.01, mode)}
+    if mode == "value":  # every gradient entry clipped to [-0.01, 0.01]
+        assert all(g <= 0.01 for _, _, g in seen)
 
 
 def test_a_finished_run_is_extended_with_a_longer_schedule(folder, tmp_path):  # noqa: F811
