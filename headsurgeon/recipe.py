@@ -432,7 +432,20 @@ def flatten(tree: Any, where: str) -> dict[str, Any]:
     return out
 
 
+# Names users bring from timm's train.py, torchvision's references and common usage that no spelling
+# distance finds ('learning_rate' is nearer 'clip_grad' than 'lr').
+_SYNONYMS = {"learning_rate": "lr", "wd": "weight_decay", "optimizer": "opt", "bs": "batch_size",
+             "num_epochs": "epochs", "image_size": "img_size", "input_size": "img_size", "smoothing": "label_smoothing",
+             "num_heads": "heads", "temp": "temperature", "model_name": "model"}
+
+
 def _hint(key: str, known: list[str]) -> str:
+    last = key.split(".")[-1]
+    last = _SYNONYMS.get(last, last)
+    same = [k for k in known if k.split(".")[-1] == last]  # the right name in the wrong section, or none
+    if len(same) == 1:
+        return f"; did you mean '{same[0]}'?"
+    key = key[: len(key) - len(key.split(".")[-1])] + last
     near = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     near = near or difflib.get_close_matches(key.split(".")[-1], [k.split(".")[-1] for k in known], n=1)
     hint = next((k for k in known if near and (k == near[0] or k.endswith("." + near[0]))), None)

@@ -32,10 +32,12 @@ def test_unknown_key_names_the_nearest(tmp_path):
         R.load(_write(tmp_path, "data: {batchsize: 8}\n"))
     with pytest.raises(HeadsurgeonError, match=r"'epoch'; did you mean 'epochs'"):
         R.load(_write(tmp_path, "epoch: 3\n"))
-    # a synonym, not a typo: only the naming of the key is checked (the old pattern's "|'optim.learning_rate'"
-    # alternative made its 'did you mean' part unable to fail; difflib's hint here is the unhelpful 'optim.clip_grad')
-    with pytest.raises(HeadsurgeonError, match=r"unknown recipe key 'optim.learning_rate'"):
-        R.load(None, ["optim.learning_rate=0.1"])
+    # synonyms no spelling distance finds (difflib alone said 'optim.clip_grad' here), and a right name in the
+    # wrong section
+    for key, hint in (("optim.learning_rate", "optim.lr"), ("optimizer", "optim.opt"), ("num_epochs", "epochs"),
+                      ("data.lr", "optim.lr"), ("loss.heads", "split.heads")):
+        with pytest.raises(HeadsurgeonError, match=rf"unknown recipe key '{key}'; did you mean '{hint}'\?$"):
+            R.load(None, [f"{key}=1"])
 
 
 @pytest.mark.parametrize("text,match", [
