@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import click
 
-from .errors import HeadsurgeonError
+from .errors import HeadsurgeonError, first_line
 from .storage import human
 
 
@@ -52,7 +52,11 @@ def _parse_kwargs(pairs: tuple[str, ...], peers: int = 0) -> tuple[dict[str, Any
         if colon and int(index) >= peers:
             raise HeadsurgeonError(f"--model-kwargs {pair}: " + (f"there are peers 0..{peers - 1}" if peers else
                                    "I:key=value is for one of a list of models (MODEL1,MODEL2); give key=value"))
-        (per[int(index)] if colon else out)[key] = yaml.safe_load(value)
+        try:
+            (per[int(index)] if colon else out)[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise HeadsurgeonError(f"--model-kwargs {pair}: '{value}' is not valid YAML ({first_line(e)}); write each "
+                                   f"value without spaces (pairs are split at spaces), e.g. channels=[8,16,32,64]") from None
     return out, (per if peers else None)
 
 
@@ -211,6 +215,9 @@ def split_cmd(model: str, at: str, heads: int | None, fanout: str | None, num_cl
         kwargs["pretrained"] = True
     size = _input_size(input_size)
     out = Path(output or f"{_safe_name(model)}-tree")
+    if weights and out.resolve() in Path(weights).resolve().parents:
+        raise HeadsurgeonError(f"-o '{out}' holds the --weights file '{weights}': writing the tree there would delete "
+                               f"it; choose another -o")
     check_output(out, overwrite)
     tree = split(names, at=at, heads=heads, fanout=_int_list(fanout, "--fanout"), rescale=not no_rescale,
                  branch_init=branch_init, weights=weights, seed=seed, input_size=size, peer_kwargs=per, **kwargs)
@@ -341,7 +348,15 @@ def recipe_cmd(recipe: str | None, sets: tuple[str, ...], schema: bool, output: 
     else:
         text = yaml.safe_dump(R.load(recipe, sets)[0].nested(), sort_keys=False)
     if output:
-        Path(output).write_text(text)
+        from .storage import check_writable, os_error, write_text
+
+        parent = Path(output).absolute().parent
+        check_writable(parent)  # -o some_file/x.yaml, a read-only folder: one line
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise os_error(e, output) from None
+        write_text(output, text)  # atomic: a full disk leaves no half-written recipe
         click.echo(f"wrote {output}")
     else:
         click.echo(text, nl=False)

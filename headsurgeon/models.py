@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import timm
 from torch import nn
 
-from .errors import HeadsurgeonError
+from .errors import HeadsurgeonError, first_line
 
 if TYPE_CHECKING:
     from .tree import SplitSpec
@@ -39,7 +39,7 @@ def create(name: str, kwargs: dict[str, Any] | None = None, pretrained: bool = F
             near = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
             hint = f"; did you mean {', '.join(near)}?" if near else "; see timm.list_models()"
             raise HeadsurgeonError(f"unknown timm model '{name}'{hint}") from None
-        raise HeadsurgeonError(f"cannot create '{name}': {str(e).splitlines()[0][:300]}") from None
+        raise HeadsurgeonError(f"cannot create '{name}': {first_line(e, 300)}") from None
     except TypeError as e:
         raise HeadsurgeonError(f"cannot create '{name}' with {kwargs}: {e}") from None
     except (OSError, ValueError) as e:
@@ -88,7 +88,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> set[str]:
     try:
         sd = load_state_dict(str(path), weights_only=True)
     except Exception as e:
-        raise HeadsurgeonError(f"cannot read weights file '{path}': {str(e).splitlines()[0][:200]}") from None
+        raise HeadsurgeonError(f"cannot read weights file '{path}' ({first_line(e)}); give a safetensors file or a "
+                               f"timm/PyTorch checkpoint (.pth, .pt, .bin)") from None
     own = model.state_dict()
     unexpected = sorted(set(sd) - set(own))
     wrong = sorted(k for k in sd if k in own and sd[k].shape != own[k].shape)

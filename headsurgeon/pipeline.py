@@ -65,6 +65,9 @@ def collapse_dir(source: str | Path | None, head: int | None, output: str | Path
                 f"test top-1 {h['test_top1']:.2f}%, epoch {run['best_epoch']})")
     head = 0 if head is None else head
     out = Path(output or f"{src.name}-head{head}")
+    if src.resolve() == out.resolve() or out.resolve() in src.resolve().parents:
+        raise HeadsurgeonError(f"-o '{out}' is the folder collapse reads from (or holds it): writing the export "
+                               f"there would delete {'the run' if is_run else 'the tree'}; choose another -o")
     check_output(out, overwrite)  # before the work: a bad -o is one line, not the end of a long collapse
     tree = HeadTree.load(tree_dir)
     if is_run and _stamp(tree_dir) != seen:

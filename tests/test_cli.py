@@ -80,6 +80,7 @@ def test_split_options(tmp_path):
     (["split", "resnet18", "--at", "layer3", "--heads", "2", "--model-kwargs", "oops"], "key=value"),
     (["split", "resnet18", "--at", "layer3", "--heads", "2", "--weights", "/nonexistent.safetensors"], "does not exist"),
     (["collapse", "/nonexistent-dir"], "not a directory"),
+    (["split", "resnet18", "--at", "layer3", "--heads", "2", "--model-kwargs", "channels=[8, 16]"], "is not valid YAML"),
 ])
 def test_bad_input_one_line_no_traceback_nothing_written(tmp_path, args, needle):
     out = tmp_path / "o"
@@ -118,3 +119,28 @@ def test_pretrained_offline_fails_with_one_clear_line(tmp_path):
     assert proc.returncode == 1 and len(err) == 1 and "Traceback" not in proc.stderr
     assert "cannot download or read the pretrained weights of 'resnet18'" in err[0] and "--weights FILE" in err[0]
     assert not (tmp_path / "t").exists()
+
+
+TINY = ["resnet10t", "--model-kwargs", "channels=[8,16,32,64] stem_width=8", "--num-classes", "3", "--input-size", "3,16,16"]
+
+
+def test_unreadable_weights_file_is_one_line(tmp_path):
+    (tmp_path / "w.pth").write_bytes(b"")  # str(EOFError()) is empty: the message must not index its first line
+    res = _run("split", *TINY, "--at", "layer4", "--heads", "2", "--weights", str(tmp_path / "w.pth"),
+               "-o", str(tmp_path / "o"), ok=False)
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert res.output.startswith("Error: cannot read weights file") and "(EOFError)" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_outputs_that_would_delete_the_input_are_refused(tmp_path):
+    t = tmp_path / "t"
+    _run("split", *TINY, "--at", "layer4", "--heads", "2", "-o", str(t))
+    before = {p.name: p.read_bytes() for p in t.iterdir()}
+    for out in (t, tmp_path):  # the source, or a folder holding it
+        res = _run("collapse", str(t), "-o", str(out), "--overwrite", ok=False)
+        assert res.exit_code == 1 and "is the folder collapse reads from" in res.output, res.output
+    res = _run("split", *TINY, "--at", "layer4", "--heads", "2", "--weights", str(t / "tree.safetensors"),
+               "-o", str(t), "--overwrite", ok=False)
+    assert res.exit_code == 1 and "holds the --weights file" in res.output, res.output
+    assert {p.name: p.read_bytes() for p in t.iterdir()} == before

@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,30 @@ def test_cli_recipe_prints_the_resolved_recipe_and_the_schema(tmp_path):
     r = CliRunner().invoke(main, ["recipe", "--set", "epochs=0", "--set", "data.hflip=2"])
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
     assert "'epochs' is 0" in r.output and "'data.hflip' is 2" in r.output
+
+
+def test_cli_recipe_output_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from click.testing import CliRunner
+
+    from headsurgeon.cli import main
+
+    (tmp_path / "f").write_text("x")
+    r = CliRunner().invoke(main, ["recipe", "-o", str(tmp_path / "f" / "r.yaml")])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert "is a file, not a directory; choose another -o" in r.output and len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(main, ["recipe", "-o", str(tmp_path / "new" / "r.yaml")])  # missing folders are made
+    assert r.exit_code == 0 and R.load(tmp_path / "new" / "r.yaml")[0] == R.Recipe()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    r = CliRunner().invoke(main, ["recipe", "--schema", "-o", str(tmp_path / "new" / "r.yaml")])
+    monkeypatch.undo()
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit) and "no space left on the device" in r.output
+    assert R.load(tmp_path / "new" / "r.yaml")[0] == R.Recipe() and sorted(os.listdir(tmp_path / "new")) == ["r.yaml"]
 
 
 DOCS = RECIPES.parent / "docs"
