@@ -27,7 +27,7 @@ from torchvision.models.feature_extraction import DualGraphModule
 
 from . import models, verify
 from .cut import INPUT, cut_graph, feature_points, point_names, resolve_all
-from .errors import HeadsurgeonError
+from .errors import HeadsurgeonError, first_line
 from .storage import atomic_dir, sha256_file
 from .trace import trace
 from .version import __version__
@@ -455,11 +455,31 @@ class HeadTree(nn.Module):
             raise HeadsurgeonError(f"'{directory}': segments that mutate their input changed since the split "
                                    f"({list(spec.owns_input)} -> {owns}); re-create the tree")
         tree = cls(levels, spec.model_copy(update={"owns_input": tuple(owns)}))
-        try:
-            safetensors.torch.load_model(tree, str(weights), strict=True, device=str(device))
-        except Exception as e:
-            raise HeadsurgeonError(f"weights in '{weights}' do not fit the tree in its spec: {str(e).splitlines()[0][:300]}") from None
+        _load_weights(tree, weights, device)
         return tree.to(device)
+
+
+def _load_weights(tree: nn.Module, weights: Path, device: str | torch.device) -> None:
+    """Load ``tree.safetensors`` into ``tree``: a truncated or corrupt file, and weights of another tree
+    (a spec.json and tree.safetensors from different splits), are told apart, each in one line."""
+    try:
+        with safetensors.safe_open(str(weights), framework="pt") as f:
+            f.keys()
+    except Exception as e:
+        raise HeadsurgeonError(f"'{weights}' is unreadable ({first_line(e)}): a truncated or corrupt file; restore it "
+                               f"from a copy or re-create the tree") from None
+    try:
+        missing, unexpected = safetensors.torch.load_model(tree, str(weights), strict=False, device=str(device))
+        wrong = []
+    except RuntimeError as e:  # mis-shaped tensors; torch names each on a line "size mismatch for KEY: ..."
+        missing, unexpected = [], []
+        wrong = [ln.strip().split(":")[0].removeprefix("size mismatch for ") for ln in str(e).splitlines()
+                 if "size mismatch for" in ln] or [first_line(e)]
+    if missing or unexpected or wrong:
+        found = [f"{len(keys)} {what}, e.g. {sorted(keys)[0]}" for what, keys in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped tensors", wrong)) if keys]
+        raise HeadsurgeonError(f"'{weights}' does not fit the tree its {SPEC_FILE} describes ({'; '.join(found)}): the "
+                               f"two files come from different trees; re-create the tree with `headsurgeon split`")
 
 
 def _check_sum(directory: Path) -> None:

@@ -187,6 +187,34 @@ def test_a_damaged_state_file_is_refused_in_one_line(run, folder, tmp_path, dama
     assert sorted(p.name for p in d.iterdir()) == before  # nothing written, no lock left
 
 
+def test_a_truncated_tree_and_the_weights_of_another_tree_are_told_apart(tmp_path):
+    import shutil
+
+    def tree(name, *args):
+        code, out = _cli("split", *TINY_SPLIT, "--at", "layer4", *args, "-o", tmp_path / name)
+        assert code == 0, out
+        return tmp_path / name
+
+    two, four, wide = tree("two", "--heads", "2"), tree("four", "--heads", "4"), tree("wide", "--heads", "2", "--num-classes", "5")
+    for other, match in ((four, "unexpected keys, e.g. levels.1.2."), (wide, "mis-shaped tensors, e.g. ")):
+        mixed = tmp_path / f"mixed-{other.name}"
+        shutil.copytree(two, mixed)
+        shutil.copy(other / "tree.safetensors", mixed)
+        (mixed / "tree.safetensors.sha256").unlink()  # as trees written before checksums
+        code, out = _cli("collapse", mixed, "-o", tmp_path / "m")
+        _one_line(code, out, "does not fit the tree its spec.json describes (")
+        assert match in out and "come from different trees" in out, out
+    cut = tmp_path / "cut"
+    shutil.copytree(two, cut)
+    w = cut / "tree.safetensors"
+    w.write_bytes(w.read_bytes()[:-100])
+    (cut / "tree.safetensors.sha256").unlink()
+    code, out = _cli("collapse", cut, "-o", tmp_path / "m")
+    _one_line(code, out, "is unreadable (")
+    assert "a truncated or corrupt file" in out and "do not fit" not in out, out
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.parametrize("edit, match", [
     (lambda s: "{not json", "unreadable"),
     (lambda s: json.dumps(dict(s, best_head=7)), "best_head 7 is not a head index 0..3"),
