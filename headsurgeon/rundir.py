@@ -129,6 +129,23 @@ def read_summary(path: Path, heads: int | None = None) -> dict[str, Any] | None:
     return check_summary(s, str(path), heads)
 
 
+@contextmanager
+def _folder_mutex(path: Path):
+    """An exclusive ``flock`` of the folder itself for a few file operations (no extra file is left);
+    where ``fcntl`` is missing (Windows) the lock file alone guards the run."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -145,6 +162,7 @@ class RunDir:
         self._locked = False
         self._restart = False
         self._resume: tuple[Path, dict[str, Any]] | None = None
+        self._seen: list[tuple[str, int, int, int]] | None = None  # the folder as checked, before the lock
 
     def __str__(self) -> str:
         return str(self.path)
@@ -184,8 +202,10 @@ class RunDir:
         if self.restartable():
             storage.check_writable(self.path)
             self._restart = True
+            self._seen = self._snapshot()
             return True
         storage.check_output(self.path, fix="pass --resume to continue that run or choose another --output")
+        self._seen = self._snapshot()
         return False
 
     def restartable(self) -> bool:
@@ -199,6 +219,22 @@ class RunDir:
                                    + ("; start it over without --resume" if self.restartable() else ""))
         self.resume_state()
         storage.check_writable(self.path)
+        self._seen = self._snapshot()
+
+    def _snapshot(self) -> list[tuple[str, int, int, int]]:
+        """Name, inode, size and mtime of every entry of the folder and of its checkpoint folders (not the
+        lock): what :meth:`lock` compares with the folder as it was checked."""
+        out = []
+        entries = sorted(self.path.iterdir()) if self.path.is_dir() else []
+        for p in [*entries, *(q for d in entries if d.is_dir() for q in sorted(d.iterdir()))]:
+            if p.name == LOCK_FILE:
+                continue
+            try:
+                st = p.stat()
+                out.append((str(p.relative_to(self.path)), st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:  # removed while listed: a writer is at work
+                out.append((str(p.relative_to(self.path)), -1, -1, -1))
+        return out
 
     @contextmanager
     def _writing(self, what: str):
@@ -230,25 +266,33 @@ class RunDir:
                                    f"(or stop it) before writing to this run")
 
     def lock(self) -> None:
-        """Take the run's lock file (O_EXCL); a lock whose process is gone is stale and taken over.
+        """Take the run's lock file; a lock whose process is gone is stale and taken over.
 
         Two processes writing one run would mix its metrics, summary and weights, and a later
-        ``collapse`` would label one run's weights with the other's accuracy.
+        ``collapse`` would label one run's weights with the other's accuracy. Checking the lock and
+        writing it happen under an ``flock`` of the folder, so two starts cannot both take a stale or
+        just-created lock; the PID is written whole (a file renamed into place), never read half-written.
+        And the folder must still be as :meth:`check_new` / :meth:`check_resume` saw it: a run that
+        finished or moved on between those checks and this lock is never overwritten or resumed from
+        an older state.
         """
         self.path.mkdir(parents=True, exist_ok=True)
         lock = self.path / LOCK_FILE
-        for _ in range(2):
+        with _folder_mutex(self.path):
+            self.check_unlocked()  # a live process's lock; a dead one's is stale and replaced below
+            tmp = self.path / f"{LOCK_FILE}.{os.getpid()}.tmp"
             try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self.check_unlocked()
-                lock.unlink(missing_ok=True)  # stale: its process was killed
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
+                tmp.write_text(f"{os.getpid()}\n")
+                os.replace(tmp, lock)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise storage.os_error(e, lock) from None
             self._locked = True
-            return
-        raise HeadsurgeonError(f"cannot take the lock of run directory '{self.path}'; remove {lock} if no run uses it")
+        if self._seen is not None and self._snapshot() != self._seen:
+            self.unlock()
+            raise HeadsurgeonError(f"run directory '{self.path}' changed while this run was starting (another "
+                                   f"`headsurgeon train` wrote to it); nothing was written: check it, then run the "
+                                   f"command again")
 
     def unlock(self) -> None:
         if self._locked:

@@ -93,3 +93,29 @@ def test_run_dir_lock_is_exclusive_within_one_machine(tmp_path):
     assert (tmp_path / "r" / LOCK_FILE).read_text().strip() == str(os.getpid())
     a.unlock()
     assert not (tmp_path / "r" / LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_written_between_the_checks_and_the_lock_is_left_alone(folder, tmp_path, monkeypatch, resume):  # noqa: F811
+    """Two starts on one folder: the other finishes (or moves on) while this one loads its data, before
+    it takes the lock. This one must not then overwrite that run, nor resume it from the older state."""
+    from headsurgeon import data as D
+
+    out = tmp_path / "run"
+    if resume:
+        T.train(_recipe(folder), output=str(out), stop_after=1, log=_quiet)
+    splits, calls = D.splits, []
+
+    def other_run_meanwhile(recipe):
+        calls.append(1)
+        if len(calls) == 1:  # this start passed its checks; the other one runs to the end now
+            T.train(_recipe(folder), output=str(out), resume=resume, log=_quiet)
+        return splits(recipe)
+
+    monkeypatch.setattr(D, "splits", other_run_meanwhile)
+    with pytest.raises(HeadsurgeonError, match="changed while this run was starting"):
+        T.train(_recipe(folder), output=str(out), resume=resume, log=_quiet)
+    monkeypatch.undo()
+    s = json.loads((out / "summary.json").read_text())
+    assert s["finished"] and s["epochs_done"] == 2 and not (out / LOCK_FILE).exists()
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
