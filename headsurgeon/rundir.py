@@ -204,6 +204,7 @@ class RunDir:
             self._restart = True
             self._seen = self._snapshot()
             return True
+        self._not_a_tree()
         storage.check_output(self.path, fix="pass --resume to continue that run or choose another --output")
         self._seen = self._snapshot()
         return False
@@ -211,9 +212,15 @@ class RunDir:
     def restartable(self) -> bool:
         return (self.path / RECIPE_FILE).is_file() and not self.resumable() and not (self.path / "spec.json").exists()
 
+    def _not_a_tree(self) -> None:
+        if (self.path / "spec.json").is_file():
+            raise HeadsurgeonError(f"output '{self.path}' is a head tree directory, not a run; to train that tree give "
+                                   f"it as the recipe's tree (--set tree={self.path}) and choose another --output")
+
     def check_resume(self) -> None:
         """Before any work: a resume point exists, its state file is sound, and the folder is writable."""
         if not self.resumable():
+            self._not_a_tree()
             raise HeadsurgeonError(f"cannot resume '{self}': it has no {LAST}/{STATE_FILE} or {RECOVERY}/{STATE_FILE} "
                                    f"(no finished epoch or recovery point)"
                                    + ("; start it over without --resume" if self.restartable() else ""))

@@ -661,7 +661,8 @@ def train(recipe: R.Recipe, name: str = "run", output: str | None = None, resume
     ``resume`` continues the run in ``output`` from its ``last`` checkpoint.
     """
     if stop_after is not None and stop_after < 1:
-        raise HeadsurgeonError(f"stop_after must be >= 1, got {stop_after}")
+        raise HeadsurgeonError(f"--stop-after (stop_after) must be at least 1, got {stop_after}: the number of epochs "
+                               f"to train in this call, e.g. --stop-after 1")
     run = build(recipe, name, output, resume, log)
     try:
         if resume:

@@ -281,6 +281,19 @@ def test_bad_command_line_values_give_one_line(tmp_path, args, match):
     assert not (tmp_path / "out").exists()
 
 
+def test_train_into_a_tree_directory_or_a_zero_stop_after_gives_one_line(tmp_path):
+    t = tmp_path / "t"
+    code, out = _cli("split", *TINY_SPLIT, "--at", "layer4", "--heads", "2", "-o", t)
+    assert code == 0, out
+    before = sorted(p.name for p in t.iterdir())
+    for resume in ([], ["--resume"]):
+        _one_line(*_cli("train", "-o", t, *resume), "is a head tree directory, not a run; to train that tree give it "
+                  f"as the recipe's tree (--set tree={t})")
+    assert sorted(p.name for p in t.iterdir()) == before
+    _one_line(*_cli("train", "--stop-after", "0", "-o", tmp_path / "r"), "--stop-after (stop_after) must be at least 1")
+    assert not (tmp_path / "r").exists()
+
+
 def test_duplicate_split_point_suggests_a_valid_list(tmp_path):
     code, out = _cli("split", *TINY_SPLIT, "--at", "layer3,layer3", "--heads", "4", "-o", tmp_path / "o")
     assert "e.g. --at layer3\n" in out + "\n" and "layer3,layer3" not in out.split("e.g.")[-1]
