@@ -90,6 +90,16 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     os.chmod(tmp, 0o755)
+    if not overwrite:  # rename() replaces only an absent or empty target: output another process wrote meanwhile stays
+        try:
+            os.rename(tmp, target)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise HeadsurgeonError(f"'{target}' was written by another process while this one worked; it was left "
+                                       f"as it was and nothing was written: choose another -o") from None
+            raise os_error(e, target) from None
+        return
     if target.exists():
         old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)

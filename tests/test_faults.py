@@ -432,6 +432,25 @@ def test_disk_full_while_writing_a_tree_or_export_leaves_nothing(run, folder, tm
     assert not target.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_an_output_another_process_writes_meanwhile_is_kept(tmp_path):
+    from headsurgeon.storage import atomic_dir
+
+    target = tmp_path / "out"
+    with pytest.raises(HeadsurgeonError, match="was written by another process while this one worked; it was left"):
+        with atomic_dir(target) as tmp:  # e.g. two `split -o out` at once: the one that finishes second
+            (tmp / "mine").write_text("mine")
+            target.mkdir()
+            (target / "theirs").write_text("theirs")
+    assert [p.name for p in target.iterdir()] == ["theirs"] and [p.name for p in tmp_path.iterdir()] == ["out"]
+    with atomic_dir(tmp_path / "empty") as tmp:  # an empty folder made meanwhile is still filled
+        (tmp_path / "empty").mkdir()
+        (tmp / "mine").write_text("mine")
+    with atomic_dir(target, overwrite=True) as tmp:  # and --overwrite still replaces
+        (tmp / "mine").write_text("mine")
+    assert [p.name for p in (tmp_path / "empty").iterdir()] == [p.name for p in target.iterdir()] == ["mine"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out"]
+
+
 _KILL_IN_FIRST_CHECKPOINT = textwrap.dedent("""
     # kill -9 this process half-way through writing the first last/state.pt
     import os, signal, sys, torch
