@@ -18,7 +18,7 @@ from . import data as D
 from . import objectives as O
 from . import recipe as R
 from . import tracking
-from .errors import HeadsurgeonError
+from .errors import HeadsurgeonError, first_line
 from .rundir import EMA_FILE, OBJECTIVE_FILE, RUNS, STATE_FILE, RunDir, latest_run, new_run_path, rng_state, \
     set_rng_state
 from .tree import HeadTree, split
@@ -277,9 +277,6 @@ def build(recipe: R.Recipe, name: str = "run", output: str | None = None, resume
     random_seed(r.seed, proc.rank)
     splits = D.splits(r)
     tree = HeadTree.load(run_dir.resume_state()[0]) if resume else tree_for(r, splits.num_classes)
-    if proc.primary:  # only after everything that can refuse the input: a bad recipe writes nothing
-        run_dir.lock()
-        run_dir.clean_partial()
 
     dev, cuda = proc.device, proc.device.type == "cuda"
     if r.amp and not cuda:
@@ -320,9 +317,10 @@ def build(recipe: R.Recipe, name: str = "run", output: str | None = None, resume
     try:
         optimizer = create_optimizer_v2(tree, opt=r.optim.opt, lr=r.optim.lr, weight_decay=r.optim.weight_decay,
                                         momentum=r.optim.momentum, layer_decay=r.optim.layer_decay, **extra_opt)
-    except (ValueError, TypeError, AssertionError) as e:
-        raise HeadsurgeonError(f"optimizer '{r.optim.opt}' cannot be created: {str(e).splitlines()[0][:200]} "
-                               f"(optim.* keys; timm.optim.list_optimizers() names them)") from None
+    except (ValueError, TypeError, AssertionError, IndexError, KeyError) as e:  # optim.opt_betas=[0.9]: IndexError
+        raise HeadsurgeonError(f"optimizer '{r.optim.opt}' cannot be created: {first_line(e)} (check the optim.* keys, "
+                               f"e.g. opt_betas: adam-like optimizers take 2; timm.optim.list_optimizers() names "
+                               f"the optimizers)") from None
     if modules is not None:  # the objective's own parameters (ONE's gate, PCL's peer ensemble), decayed like the heads'
         optimizer.add_param_group({"params": list(modules.parameters())})
     model: Any = tree
@@ -345,6 +343,9 @@ def build(recipe: R.Recipe, name: str = "run", output: str | None = None, resume
             warmup_lr=r.sched.warmup_lr, min_lr=r.sched.min_lr, decay_epochs=r.sched.decay_epochs,
             decay_milestones=r.sched.decay_milestones, decay_rate=r.sched.decay_rate,
             step_on_epochs=r.sched.step_on_epochs, updates_per_epoch=_updates(len(train_loader), r))
+    if proc.primary:  # only after everything that can refuse the input (a batch larger than the data, an optimizer
+        run_dir.lock()  # timm cannot make): a bad recipe writes nothing and leaves no lock; train() unlocks
+        run_dir.clean_partial()
     return Run(r, proc, run_dir, splits, tree, model, objective, modules, features, optimizer, scheduler, scaler, ema,
                autocast, train_loader, evals, log, mixup_for(r, splits.num_classes))
 

@@ -314,6 +314,8 @@ def test_the_api_refuses_what_the_cli_refuses():
     (["data.num_classes=2"], "data.num_classes is 2 but 'folder' has 3 classes"),
     (["data.train_split=validation"], "would train on the test images"),
     (["data.dataset=cifar10"], "unknown data.dataset 'cifar10'"),
+    (["data.batch_size=1000"], "fewer than one batch of 1000"),  # refused after the tree is built: no lock left
+    (["optim.opt=adamw", "optim.opt_betas=[0.9]"], "optimizer 'adamw' cannot be created: tuple index out of range"),
 ])
 def test_bad_recipe_values_give_one_line_and_leave_no_run_dir(folder, tmp_path, sets, match):  # noqa: F811
     _one_line(*_cli("train", *_sets(folder, *sets), "-o", tmp_path / "r"), match)
