@@ -21,7 +21,6 @@ and weights with safetensors, so loading never unpickles arbitrary objects.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -146,12 +145,7 @@ def _folder_mutex(path: Path):
         os.close(fd)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError as e:
-        return e.errno == errno.EPERM  # exists, owned by someone else
-    return True
+_alive = storage.pid_alive
 
 
 class RunDir:

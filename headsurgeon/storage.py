@@ -6,6 +6,7 @@ or not at all: it is written into a hidden sibling and renamed into place.
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -78,7 +79,8 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     check_output(target, overwrite)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        remove_stale_temps(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
     except OSError as e:
         raise os_error(e, target) from None
     try:
@@ -108,6 +110,23 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return e.errno == errno.EPERM  # exists, owned by someone else
+    return True
+
+
+def remove_stale_temps(target: Path) -> None:
+    """Remove the half-written temporary siblings of ``target`` (``.NAME.PID.*``) that a killed write left;
+    those of a live process (another write in progress) are kept."""
+    for p in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        pid = p.name[len(target.name) + 2:].split(".")[0]
+        if pid.isdigit() and p.is_dir() and not pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = True) -> None:

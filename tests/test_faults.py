@@ -469,6 +469,32 @@ _KILL_IN_FIRST_CHECKPOINT = textwrap.dedent("""
 """)
 
 
+_KILL_IN_SPLIT = textwrap.dedent("""
+    # kill -9 this process half-way through writing the tree of `headsurgeon split`
+    import os, signal, sys, safetensors.torch
+    from headsurgeon.cli import main
+    def dying(model, path, *a, **k):
+        open(path, "wb").write(b"half a file")
+        os.kill(os.getpid(), signal.SIGKILL)
+    safetensors.torch.save_model = dying
+    main(sys.argv[1:])
+""")
+
+
+def test_a_killed_split_leaves_no_half_written_folder_behind(tmp_path):
+    args = ["split", *TINY_SPLIT, "--at", "layer4", "--heads", "2", "-o", str(tmp_path / "t")]
+    proc = subprocess.run([sys.executable, "-c", _KILL_IN_SPLIT, *args], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    half = [p.name for p in tmp_path.iterdir()]
+    assert len(half) == 1 and half[0].startswith(".t."), half  # the killed write's temporary folder, not t
+    live = tmp_path / f".t.{os.getpid()}.inprogress"  # a write still in progress (its process lives) is kept
+    live.mkdir()
+    (tmp_path / ".u.999999999.x").mkdir()  # another target's
+    code, out = _cli(*args)
+    assert code == 0, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, ".u.999999999.x", "t"])
+
+
 def test_a_kill_in_the_first_checkpoint_leaves_a_usable_directory(folder, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     sets = [*TINY, "data.dataset=folder", f"data.root={folder}", "epochs=2"]
