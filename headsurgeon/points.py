@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .cut import INPUT, feature_points, last_index, point_names
 from .trace import has_module, trace
-from .verify import eval_mode
+from .verify import eval_mode, input_error
 
 
 @dataclass
@@ -73,7 +73,11 @@ def split_points(model: nn.Module, input_size: Sequence[int], all_paths: bool = 
     graph, names = traced.eval_graph, traced.eval_names
     prof = _Profile(fx.GraphModule(model, graph))
     with eval_mode(model), torch.no_grad():
-        prof.run(torch.randn(1, *input_size))
+        try:
+            prof.run(torch.randn(1, *input_size))
+        except Exception as e:
+            name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+            raise input_error(model, name, input_size, e) from None
     nodes = list(graph.nodes)
     total_flops = sum(prof.flops.values())
     params = {id(p): p.numel() for p in model.parameters()}

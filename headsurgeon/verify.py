@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from .errors import HeadsurgeonError
+from .errors import HeadsurgeonError, first_line
 
 COLLAPSE_ATOL = 1e-5  # collapsed head vs tree head, eval logits, fp32
 
@@ -104,7 +104,10 @@ def check_against_eager(model: nn.Module, candidates: Mapping[str, tuple[Callabl
                         example: torch.Tensor, name: str) -> None:
     """Raise if any candidate (``what -> (fn, its modules)``: a graph, a chain of segments)
     differs from eager in either mode. The eager reference is computed once for all of them."""
-    ref = run_both_modes(model, example, model)
+    try:
+        ref = run_both_modes(model, example, model)
+    except Exception as e:  # the model itself refuses this input (a ViT's patch size, the channels it was made for)
+        raise input_error(model, name, example.shape[1:], e) from None
     for what, (candidate, candidate_modules) in candidates.items():
         got = run_both_modes(candidate, example, model, *candidate_modules)
         for mode in ("eval", "train"):
@@ -114,6 +117,19 @@ def check_against_eager(model: nn.Module, candidates: Mapping[str, tuple[Callabl
                     f"{what} of {name} differs from the eager model in {mode} mode (max abs diff {diff:.3g}); "
                     f"this model cannot be cut exactly, please report it"
                 )
+
+
+def input_error(model: nn.Module, name: str, size: Any, e: Exception) -> HeadsurgeonError:
+    """``model`` cannot run on inputs of ``size`` (C, H, W), as one line naming the size it was made for."""
+    from .models import default_input_size
+
+    try:
+        own = f" (its own: {'x'.join(map(str, default_input_size(model)))})"
+    except Exception:
+        own = ""
+    return HeadsurgeonError(f"{name} cannot run on input size {'x'.join(map(str, size))} ({type(e).__name__}: "
+                            f"{first_line(e)}); give an input size it accepts{own}: --input-size C,H,W, or "
+                            f"data.img_size in a recipe")
 
 
 def probe(input_size, seed: int, like: nn.Module, batch: int = 2) -> torch.Tensor:

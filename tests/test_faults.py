@@ -273,6 +273,9 @@ TINY_SPLIT = ["resnet10t", "--model-kwargs", "channels=[8,16,32,64] stem_width=8
     (["split", "resnet10t", "--at", "layer4", "--heads", "2", "--num-classes", "-5"], "--num-classes must be at least 1"),
     (["nodes", "resnet10t", "--num-classes", "-5"], "--num-classes must be at least 1"),
     (["split", *TINY_SPLIT, "--at", "layer3,layer3", "--heads", "4"], "'layer3' is given twice; list each once"),
+    (["nodes", "test_vit", "--input-size", "3,8,8"], "test_vit cannot run on input size 3x8x8 (AssertionError: "),
+    (["split", *TINY_SPLIT, "--at", "layer4", "--heads", "2", "--input-size", "1,16,16"],
+     "resnet10t cannot run on input size 1x16x16 (RuntimeError: "),
     (["demo", "--epochs", "0"], "--epochs must be at least 1"),
     (["demo", "--epochs", "-2"], "--epochs must be at least 1"),
 ])
