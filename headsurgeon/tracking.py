@@ -132,7 +132,13 @@ class Trackers:
 
         ips = round(self.train_images / train_s, 1) if self.train_images and train_s else None
         train, ev = csv_columns(row, best, ips)
-        update_summary(row["epoch"], train, ev, str(self.csv), lr=row["lr"])
+        try:
+            update_summary(row["epoch"], train, ev, str(self.csv), lr=row["lr"])
+        except OSError as e:  # a full disk: one line; the last checkpoint is intact and the csv is rewritten on resume
+            from .storage import os_error
+
+            raise os_error(e, self.csv, f"the previous checkpoint is intact: free space, then continue with "
+                                        f"`headsurgeon train --resume -o {self.dir}`") from None
         values = scalars(row, best, ips)
         if self.tb is not None:
             for k, v in values.items():

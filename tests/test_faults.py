@@ -426,6 +426,31 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(folder, tmp
     assert [r["epoch"] for r in RunDir(d).metrics()] == [1, 2, 3] and RunDir(d).summary()["finished"]
 
 
+def test_disk_full_while_writing_summary_csv_is_one_line_and_resumable(folder, tmp_path, monkeypatch):  # noqa: F811
+    import timm.utils
+
+    from headsurgeon.tracking import read_csv
+
+    d, real, calls = tmp_path / "run", timm.utils.update_summary, []
+
+    def full_at_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            _no_space()
+        return real(*a, **k)
+
+    monkeypatch.setattr(timm.utils, "update_summary", full_at_epoch_2)
+    code, out = _cli("train", *_sets(folder), "-o", d)
+    _one_line(code, out, f"cannot write '{d / 'summary.csv'}': no space left on the device; the previous checkpoint is "
+                         f"intact: free space, then continue with `headsurgeon train --resume -o {d}`")
+    assert RunDir(d).summary()["epochs_done"] == 1 and not (d / ".lock").exists()
+    monkeypatch.undo()
+    code, out = _cli("train", *_sets(folder), "-o", d, "--resume")
+    assert code == 0, out
+    assert [r["epoch"] for r in RunDir(d).metrics()] == [1, 2, 3]
+    assert [int(r["epoch"]) for r in read_csv(d / "summary.csv")] == [1, 2, 3]  # rewritten from the checkpoint on
+
+
 @pytest.mark.parametrize("command", ["split", "collapse"])
 def test_disk_full_while_writing_a_tree_or_export_leaves_nothing(run, folder, tmp_path, monkeypatch, command):  # noqa: F811
     import safetensors.torch
