@@ -315,7 +315,8 @@ class RunDir:
 
     # -- recipe
     def write_recipe(self, recipe: R.Recipe) -> None:
-        (self.path / RECIPE_FILE).write_text(yaml.safe_dump(recipe.nested(), sort_keys=False))
+        with self._writing(RECIPE_FILE):  # atomic: a full disk leaves the resumed run's recipe as it was
+            storage.write_text(self.path / RECIPE_FILE, yaml.safe_dump(recipe.nested(), sort_keys=False))
 
     def read_recipe(self) -> R.Recipe:
         """The stored recipe; keys added since the run started take their defaults."""

@@ -451,6 +451,22 @@ def test_disk_full_while_writing_summary_csv_is_one_line_and_resumable(folder, t
     assert [int(r["epoch"]) for r in read_csv(d / "summary.csv")] == [1, 2, 3]  # rewritten from the checkpoint on
 
 
+def test_disk_full_while_rewriting_the_recipe_on_resume_keeps_it(run, folder, tmp_path, monkeypatch):  # noqa: F811
+    d = _copy(run, tmp_path)
+    before = (d / "recipe.yaml").read_bytes()
+    real = Path.write_text
+
+    def full(self, *a, **k):
+        if "recipe.yaml" in self.name:  # the file itself, or its temporary sibling
+            _no_space()
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    _one_line(*_cli("train", *_sets(folder, "epochs=4"), "-o", d, "--resume"),
+              f"cannot write '{d / 'recipe.yaml'}': no space left on the device; '{d / 'recipe.yaml'}' was left as it was")
+    assert (d / "recipe.yaml").read_bytes() == before and not [p for p in d.iterdir() if p.name.startswith(".")]
+
+
 @pytest.mark.parametrize("command", ["split", "collapse"])
 def test_disk_full_while_writing_a_tree_or_export_leaves_nothing(run, folder, tmp_path, monkeypatch, command):  # noqa: F811
     import safetensors.torch
