@@ -308,15 +308,24 @@ def _meta_params(name: str) -> float:
         return float("inf")
 
 
+def _available() -> int:
+    return next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemAvailable:"))
+
+
+def _memory_need(n_params: float) -> float:
+    """Peak resident memory measured with --profile is about 8-11 bytes per parameter over a 0.8 GiB
+    baseline; 12 bytes + 1 GiB is asked for."""
+    return 12 * n_params + 2**30
+
+
 def _wait_for_memory(n_params: float) -> None:
     """Hold the next model until the machine has room for it, so the sweep's worker is not the reason the
-    kernel kills something (the machine is shared). Peak resident memory measured with --profile is about
-    8-11 bytes per parameter over a 0.8 GiB baseline; 12 bytes + 1 GiB is asked for."""
-    need = 12 * n_params + 2**30
+    kernel kills something (the machine is shared)."""
+    need = _memory_need(n_params)
     waited = 0
     while True:
-        avail = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-                     if line.startswith("MemAvailable:"))
+        avail = _available()
         if avail >= need:
             return
         if waited % 600 == 0:
@@ -371,6 +380,10 @@ def sweep(names: list[str], timeout: float, big: float, copy_above: float, max_p
             else:
                 res = None
             if res is None:
+                if proc is not None and _available() < _memory_need(job.get("params", n_params)):
+                    proc.stdin.close()  # the idle worker keeps the last model's heap: let it go before waiting
+                    proc.wait()
+                    proc = None
                 _wait_for_memory(job.get("params", n_params))
                 if proc is None or proc.poll() is not None:
                     proc = subprocess.Popen([sys.executable, __file__, "--worker", "--big", str(big),
