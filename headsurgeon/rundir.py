@@ -223,17 +223,23 @@ class RunDir:
         self._seen = self._snapshot()
 
     def _snapshot(self) -> list[tuple[str, int, int, int]]:
-        """Name, inode, size and mtime of every entry of the folder and of its checkpoint folders (not the
-        lock): what :meth:`lock` compares with the folder as it was checked."""
+        """Name, inode, size and mtime of every entry of the folder and of its checkpoint folders: what
+        :meth:`lock` compares with the folder as it was checked. Not the lock, nor the trackers' folders
+        (W&B's background service may still be syncing into ``wandb/`` after its run ended)."""
+        def listing(d: Path) -> list[Path]:
+            try:
+                return sorted(d.iterdir())
+            except OSError:  # replaced while listed: a writer is at work
+                return [d / "?"]
+
         out = []
-        entries = sorted(self.path.iterdir()) if self.path.is_dir() else []
-        for p in [*entries, *(q for d in entries if d.is_dir() for q in sorted(d.iterdir()))]:
-            if p.name == LOCK_FILE:
-                continue
+        entries = [p for p in listing(self.path) if p.name not in (LOCK_FILE, "tensorboard", "wandb")] \
+            if self.path.is_dir() else []
+        for p in [*entries, *(q for d in entries if d.name in (BEST, LAST, RECOVERY, HISTORY) for q in listing(d))]:
             try:
                 st = p.stat()
                 out.append((str(p.relative_to(self.path)), st.st_ino, st.st_size, st.st_mtime_ns))
-            except OSError:  # removed while listed: a writer is at work
+            except OSError:  # removed while listed
                 out.append((str(p.relative_to(self.path)), -1, -1, -1))
         return out
 
