@@ -676,6 +676,13 @@ def train(recipe: R.Recipe, name: str = "run", output: str | None = None, resume
         gc.collect()
         gc.freeze()
         return fit(run, stop_after)
+    except KeyboardInterrupt:  # click then prints only "Aborted!"
+        if run.proc.primary:
+            done = len(run.history)
+            log(f"interrupted with {done} epoch(s) finished in '{run.dir}'; continue with `headsurgeon train --resume "
+                f"-o {run.dir}`" if done else f"interrupted before the first epoch finished; nothing in '{run.dir}' "
+                f"to keep: run the same command again to start over")
+        raise
     finally:
         gc.unfreeze()
         if run.proc.primary:

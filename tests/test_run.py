@@ -119,3 +119,25 @@ def test_a_run_written_between_the_checks_and_the_lock_is_left_alone(folder, tmp
     s = json.loads((out / "summary.json").read_text())
     assert s["finished"] and s["epochs_done"] == 2 and not (out / LOCK_FILE).exists()
     assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_an_interrupt_says_what_was_kept_and_how_to_go_on(folder, tmp_path, monkeypatch):  # noqa: F811
+    out, said = tmp_path / "run", []
+    real_fit = T.fit
+
+    def interrupted(run, stop_after):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(_recipe(folder), output=str(out), log=said.append)
+    assert "before the first epoch finished" in said[-1] and not (out / LOCK_FILE).exists()
+    monkeypatch.setattr(T, "fit", real_fit)
+    T.train(_recipe(folder), output=str(out), stop_after=1, log=_quiet)  # the same command starts it over
+    monkeypatch.setattr(T, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(_recipe(folder), output=str(out), resume=True, log=said.append)
+    assert said[-1] == (f"interrupted with 1 epoch(s) finished in '{out}'; continue with "
+                        f"`headsurgeon train --resume -o {out}`")
+    monkeypatch.setattr(T, "fit", real_fit)
+    assert T.train(_recipe(folder), output=str(out), resume=True, log=_quiet)["finished"]
