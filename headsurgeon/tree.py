@@ -554,6 +554,10 @@ def split(model: str | nn.Module | Sequence[str | nn.Module], at: Sequence[str] 
 
     src = models.source(model, create_kwargs, weights)
     m, label = src.model, src.name or type(src.model).__name__
+    if branch_init == "pretrained" and src.trained is None:  # it would silently be 'independent'
+        raise HeadsurgeonError(f"branch_init 'pretrained' starts the branches from pretrained weights, but {label} is "
+                               f"randomly initialised: give weights (--pretrained, --weights FILE or a trained module) "
+                               f"or use branch_init independent or copy")
     arch, args = models.architecture(m), models.model_args(m)  # before tracing: a non-timm model fails fast
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())

@@ -119,6 +119,9 @@ def test_weights_file_new_classifier_drawn_per_branch(tmp_path):
     assert not torch.equal(l0["fc.weight"], l1["fc.weight"])  # new classifier: independent per branch
     with pytest.raises(hs.HeadsurgeonError, match="does not exist"):
         hs.split("resnet18", at=["layer4"], heads=2, weights=tmp_path / "missing.safetensors", input_size=SIZE)
+    # without weights 'pretrained' has nothing to start from (it would silently draw every branch afresh)
+    with pytest.raises(hs.HeadsurgeonError, match="'pretrained' .* but resnet18 is randomly initialised"):
+        hs.split("resnet18", at=["layer4"], heads=2, branch_init="pretrained", input_size=SIZE)
 
 
 # ----------------------------------------------------------------------------- gradients
