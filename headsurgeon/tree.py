@@ -544,7 +544,8 @@ def split(model: str | nn.Module | Sequence[str | nn.Module], at: Sequence[str] 
                                "in create_kwargs")
     heads = 1 if heads is None else heads
     if heads > 1 and not at:
-        raise HeadsurgeonError(f"{heads} heads need at least one split point; pass at=['input'] for independent instances")
+        raise HeadsurgeonError(f"{heads} heads need at least one split point; split at 'input' (--at input, at=['input']) "
+                               f"for independent instances")
     fanout = default_fanout(heads, len(at)) if fanout is None else [int(f) for f in fanout]
     if len(fanout) != len(at) or math.prod(fanout) != heads or any(f < 1 for f in fanout):
         raise HeadsurgeonError(f"fan-out {fanout} does not match {len(at)} split point(s) and {heads} heads: "
