@@ -509,9 +509,12 @@ def read(path: str | Path, where: str | None = None) -> dict[str, Any]:
     if not p.is_file():
         raise HeadsurgeonError(f"recipe '{path}' does not exist; see recipes/ for examples")
     try:
-        data = _yaml(p.read_text()) or {}
+        data = _yaml(p.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise HeadsurgeonError(f"recipe '{path}' is not valid YAML: {' '.join(str(e).split())[:200]}") from None
+    if data is None:  # an empty file is a mistake (or a truncated copy), not a request for the defaults
+        raise HeadsurgeonError(f"recipe '{path}' is empty: give it keys (recipes/ has examples), or leave the recipe "
+                               f"out to train the built-in digits defaults")
     return flatten(data, where or str(path))
 
 

@@ -239,3 +239,9 @@ def test_docs_name_every_resume_free_key():
     line = text[text.index("Keys that may change when a run is resumed"):]
     missing = [k for k in R.RESUME_FREE if f"`{k}`" not in line]
     assert not missing, f"docs/recipes.md does not list resume-free keys {missing}"
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_an_empty_recipe_file_is_refused(tmp_path, text):
+    with pytest.raises(HeadsurgeonError, match=r"recipe '.*r.yaml' is empty: give it keys"):
+        R.load(_write(tmp_path, text))
