@@ -223,7 +223,7 @@ def test_cli_recipe_output_that_cannot_be_written_is_one_line(tmp_path, monkeypa
 DOCS = RECIPES.parent / "docs"
 
 
-@pytest.mark.parametrize("page", ["quickstart.md", "concepts.md", "training.md"])
+@pytest.mark.parametrize("page", ["quickstart.md", "concepts.md", "training.md", "objectives.md"])
 def test_recipe_examples_in_the_docs_validate(page):
     """Every ```yaml block of these pages is a recipe (or part of one) that validates as written."""
     import re
