@@ -679,8 +679,8 @@ def _cut_peers(ms: Sequence[nn.Module], labels: Sequence[str], size: Sequence[in
             whole = protos[0]
             if owns_input is None:
                 verify.run_both_modes(lambda x: _probe_chain([trunk, whole], x, mutates), example, m, whole)
-        except HeadsurgeonError:
-            raise
+        except HeadsurgeonError as e:  # say which peer
+            raise HeadsurgeonError(f"peer {i} ({label}): {e}") from None
         except Exception as e:  # the eager model itself fails on the shared input
             raise HeadsurgeonError(f"peer {i} ({label}) does not run on the tree's input {'x'.join(map(str, size))} "
                                    f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); give "
