@@ -145,9 +145,6 @@ def _folder_mutex(path: Path):
         os.close(fd)
 
 
-_alive = storage.pid_alive
-
-
 class RunDir:
     """The files of one run. Only the primary process of a (DDP) run writes through it."""
 
@@ -264,7 +261,7 @@ class RunDir:
             pid = int((self.path / LOCK_FILE).read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
-        return pid if pid > 0 and pid != os.getpid() and _alive(pid) else None
+        return pid if pid > 0 and pid != os.getpid() and storage.pid_alive(pid) else None
 
     def check_unlocked(self) -> None:
         pid = self.owner()
