@@ -112,13 +112,17 @@ def main() -> None:
 @click.option("--model-kwargs", multiple=True, metavar="K=V", help="Extra timm.create_model kwargs, e.g. img_size=64 "
               "(I:K=V: only for model I of a list).")
 @click.option("--input-size", default=None, metavar="C,H,W", help="Input size for shapes and FLOPs (default: the model's).")
+@click.option("--leaf-module", "leaf_modules", multiple=True, metavar="MODULE:CLASS",
+              help="Keep this module class whole when tracing (a part torch.fx cannot trace, e.g. "
+                   "timm.models.gemma4_vit:Gemma4VitEncoder); repeat for several.")
 @_one_line_errors
-def nodes(model: str, all_paths: bool, num_classes: int | None, model_kwargs: tuple[str, ...], input_size: str | None) -> None:
+def nodes(model: str, all_paths: bool, num_classes: int | None, model_kwargs: tuple[str, ...], input_size: str | None,
+          leaf_modules: tuple[str, ...]) -> None:
     """List the candidate split points of MODEL (timm feature_info modules first) with the output
     shape there and the parameters and FLOPs a branch forked there would own. For a list of models
     (MODEL1,MODEL2: heterogeneous peers, which split only at the input), compare them instead: size,
     classes, input and the preprocessing each was made for."""
-    from .models import create, default_input_size
+    from .models import create, default_input_size, import_classes
     from .points import split_points
 
     names = _models(model)
@@ -129,9 +133,10 @@ def nodes(model: str, all_paths: bool, num_classes: int | None, model_kwargs: tu
     if isinstance(names, list):
         _peers_table(names, kwargs, per or [], given)
         return
+    leaf = import_classes(leaf_modules)
     m = create(model, kwargs)
     size = given or list(default_input_size(m))
-    points, params, flops = split_points(m, size, all_paths=all_paths)
+    points, params, flops = split_points(m, size, all_paths=all_paths, leaf_modules=leaf)
     click.echo(f"{model}: {human(params)} parameters, {human(flops)} FLOPs per image at {'x'.join(map(str, size))}")
     click.echo(f"{'split point':<34} {'output shape':<22} {'branch params':>14} {'branch FLOPs':>13}")
     feats = sum(p.feature for p in points)
@@ -191,12 +196,16 @@ def _peers_table(names: list[str], kwargs: dict[str, Any], per: list[dict[str, A
               "(I:K=V: only for model I of a list, e.g. 0:stem_width=16).")
 @click.option("--seed", type=int, default=None, help="Seed of the independent branch initialisation.")
 @click.option("--input-size", default=None, metavar="C,H,W", help="Probe input size for verification (default: the model's).")
+@click.option("--leaf-module", "leaf_modules", multiple=True, metavar="MODULE:CLASS",
+              help="Keep this module class whole when tracing (a part torch.fx cannot trace, e.g. "
+                   "timm.models.gemma4_vit:Gemma4VitEncoder); repeat for several.")
 @click.option("-o", "--output", default=None, type=click.Path(file_okay=False), help="Output directory (default ./<model>-tree).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @_one_line_errors
 def split_cmd(model: str, at: str, heads: int | None, fanout: str | None, num_classes: int | None, no_rescale: bool,
               branch_init: str | None, pretrained: bool, weights: str | None, model_kwargs: tuple[str, ...],
-              seed: int | None, input_size: str | None, output: str | None, overwrite: bool) -> None:
+              seed: int | None, input_size: str | None, leaf_modules: tuple[str, ...], output: str | None,
+              overwrite: bool) -> None:
     """Split MODEL into a tree of heads and write it to a directory (spec.json + tree.safetensors).
     MODEL1,MODEL2,... (with --at input) makes heterogeneous peers: head i is the whole of model i."""
     from .storage import check_output, check_space
@@ -220,7 +229,8 @@ def split_cmd(model: str, at: str, heads: int | None, fanout: str | None, num_cl
                                f"it; choose another -o")
     check_output(out, overwrite)
     tree = split(names, at=at, heads=heads, fanout=_int_list(fanout, "--fanout"), rescale=not no_rescale,
-                 branch_init=branch_init, weights=weights, seed=seed, input_size=size, peer_kwargs=per, **kwargs)
+                 branch_init=branch_init, weights=weights, seed=seed, input_size=size, peer_kwargs=per,
+                 leaf_modules=leaf_modules, **kwargs)
     cost = tree.cost()
     check_space(out, tree.nbytes())  # say the size first; refuse what the disk cannot hold
     click.echo(f"writing {out}: {human(tree.nbytes(), 'B')} of weights ({tree.num_heads} heads)")

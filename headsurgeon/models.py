@@ -188,17 +188,30 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def import_classes(paths: Sequence[str]) -> tuple[type, ...]:
-    """The classes named by :func:`class_path` strings."""
+def import_classes(paths: Sequence[str | type]) -> tuple[type, ...]:
+    """The module classes named by :func:`class_path` strings (classes pass through, checked)."""
     out = []
     for p in paths:
+        if isinstance(p, type):
+            obj: Any = p
+            if not issubclass(obj, nn.Module):
+                raise HeadsurgeonError(f"leaf module {obj.__qualname__} is not a torch.nn.Module class")
+            out.append(obj)
+            continue
         mod, _, qual = p.partition(":")
+        if not mod or not qual:
+            raise HeadsurgeonError(f"leaf module '{p}' is not module:Class; name it like "
+                                   f"timm.models.gemma4_vit:Gemma4VitEncoder")
         try:
-            obj: Any = importlib.import_module(mod)
+            obj = importlib.import_module(mod)
             for part in qual.split("."):
                 obj = getattr(obj, part)
         except (ImportError, AttributeError) as e:
-            raise HeadsurgeonError(f"cannot import leaf module class '{p}': {e}") from None
+            raise HeadsurgeonError(f"cannot import leaf module class '{p}': {e} (name it as module:Class, e.g. "
+                                   f"timm.models.gemma4_vit:Gemma4VitEncoder)") from None
+        if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+            raise HeadsurgeonError(f"leaf module '{p}' is not a torch.nn.Module class; name the module class to keep "
+                                   f"whole when tracing, as module:Class")
         out.append(obj)
     return tuple(out)
 

@@ -64,12 +64,12 @@ def _tensors_of(model: nn.Module, n: fx.Node) -> list[torch.Tensor]:
 
 
 def split_points(model: nn.Module, input_size: Sequence[int], all_paths: bool = False,
-                 max_depth: int = 2) -> tuple[list[SplitPoint], int, int]:
+                 max_depth: int = 2, leaf_modules: tuple[type, ...] = ()) -> tuple[list[SplitPoint], int, int]:
     """Candidate split points in forward order: ``feature_info`` modules first, then module paths.
 
     Returns the points, the model's parameter count and its FLOPs per image.
     """
-    traced = trace(model)
+    traced = trace(model, leaf_modules=leaf_modules)
     graph, names = traced.eval_graph, traced.eval_names
     prof = _Profile(fx.GraphModule(model, graph))
     with eval_mode(model), torch.no_grad():

@@ -81,6 +81,9 @@ class SplitCfg(_Section):
     fanout: list[Annotated[int, Field(ge=1)]] | None = Field(None, description="children per fork at each split point")
     rescale: bool = Field(True, description="gradient rescaling at forks")
     branch_init: Literal["independent", "copy"] | None = Field(None, description="branch initialisation")
+    leaf_modules: list[Annotated[str, Field(pattern=r"^[\w.]+:[\w.]+$", title="module:Class")]] = Field(
+        [], description="module classes to keep whole when tracing, as module:Class (e.g. "
+        "timm.models.gemma4_vit:Gemma4VitEncoder): parts torch.fx cannot trace")
 
 
 DATASETS = ("digits", "fashion-mnist", "folder")  # folder: an ImageFolder or tar at data.root
@@ -393,6 +396,8 @@ def _allowed(prop: dict[str, Any]) -> str:
             text += " " + " and ".join(bounds)
         if o.get("type") == "array":
             item = _TYPES.get(o.get("items", {}).get("type"), "value").split(" ", 1)[-1]
+            if "pattern" in o.get("items", {}):  # a string of a given form: its title names the form
+                item = f"{o['items'].get('title', o['items']['pattern'])} {item}"
             n = o.get("minItems")
             text = (f"a list of {n} {item}s" if n is not None and n == o.get("maxItems") else f"a list of {item}s")
         parts.append(text)

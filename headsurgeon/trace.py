@@ -80,11 +80,15 @@ def _trace_once(model: nn.Module, name: str, leaf_modules: tuple[type, ...]) -> 
         graph = tracer.trace(model, concrete_args=concrete_args(model) or None)
     except Exception as e:
         where = getattr(e, "_headsurgeon_module", None)
-        at = f" in module '{where}' ({type(model.get_submodule(where)).__name__})" if where and has_module(model, where) else ""
+        found = where and has_module(model, where)
+        cls = type(model.get_submodule(where)) if found else None
+        at = f" in module '{where}' ({cls.__name__})" if cls else ""
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # the spec records leaf classes as module:Class, so that is the form every entry point takes
+        leaf = f"{cls.__module__}:{cls.__qualname__}" if cls else "module:Class"
         raise HeadsurgeonError(
             f"cannot trace {name} with torch.fx{at}: {type(e).__name__}: {msg[:300]} "
-            f"(pass leaf_modules=(ThatModuleClass,) to split() to keep it whole)"
+            f"(to keep that module whole: --leaf-module {leaf}, recipe key split.leaf_modules, or split(leaf_modules=...))"
         ) from None
     return graph, dict(tracer.node_to_qualname)
 

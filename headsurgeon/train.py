@@ -193,6 +193,7 @@ def tree_for(recipe: R.Recipe, classes: int) -> HeadTree:
     size = r.data.img_size
     return split(r.model, at=r.split.at, heads=r.split.heads, fanout=r.split.fanout, rescale=r.split.rescale,
                  branch_init=r.split.branch_init, weights=r.weights, seed=r.seed, peer_kwargs=per,
+                 leaf_modules=r.split.leaf_modules,
                  input_size=({**kwargs, **(per or [{}])[0]}.get("in_chans", 3), size, size), **kwargs)
 
 

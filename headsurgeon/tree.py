@@ -500,7 +500,7 @@ def _check_sum(directory: Path) -> None:
 def split(model: str | nn.Module | Sequence[str | nn.Module], at: Sequence[str] | str = (), heads: int | None = None,
           fanout: Sequence[int] | None = None, rescale: bool = True, branch_init: str | None = None, *,
           weights: str | os.PathLike | None = None, seed: int | None = None, input_size: Sequence[int] | None = None,
-          verify: bool = True, leaf_modules: tuple[type, ...] = (), peer_kwargs: Sequence[dict[str, Any]] | None = None,
+          verify: bool = True, leaf_modules: Sequence[type | str] = (), peer_kwargs: Sequence[dict[str, Any]] | None = None,
           **create_kwargs: Any) -> HeadTree:
     """Split a timm model into a tree of ``heads`` classifier heads.
 
@@ -521,7 +521,8 @@ def split(model: str | nn.Module | Sequence[str | nn.Module], at: Sequence[str] 
         seed: seed of the independent draws (default: drawn from torch's global RNG).
         input_size: (C, H, W) of the probe batch used to verify the cut; default the model's own.
         verify: compare the traced graph and the cut chain with the eager model in both modes.
-        leaf_modules: extra module classes to keep whole when tracing.
+        leaf_modules: extra module classes to keep whole when tracing (classes, or ``module:Class``
+            strings as the CLI's ``--leaf-module`` and the recipe's ``split.leaf_modules`` give them).
         peer_kwargs: with a list of models, ``timm.create_model`` kwargs per peer (over ``create_kwargs``).
         **create_kwargs: passed to ``timm.create_model`` (``num_classes``, ``pretrained``, ...); every
             peer's, with a list of models.
@@ -536,6 +537,7 @@ def split(model: str | nn.Module | Sequence[str | nn.Module], at: Sequence[str] 
     if input_size is not None and (len(input_size) != 3 or any(not isinstance(v, int) or v < 1 for v in input_size)):
         raise HeadsurgeonError(f"input_size must be three positive integers (C, H, W), e.g. (3, 224, 224); "
                                f"got {tuple(input_size)}")
+    leaf_modules = models.import_classes(leaf_modules)
     if isinstance(model, (list, tuple)):
         return _split_peers(list(model), at, heads, fanout, rescale, branch_init, weights, seed, input_size, verify,
                             leaf_modules, peer_kwargs, create_kwargs)

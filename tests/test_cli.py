@@ -81,6 +81,11 @@ def test_split_options(tmp_path):
     (["split", "resnet18", "--at", "layer3", "--heads", "2", "--weights", "/nonexistent.safetensors"], "does not exist"),
     (["collapse", "/nonexistent-dir"], "not a directory"),
     (["split", "resnet18", "--at", "layer3", "--heads", "2", "--model-kwargs", "channels=[8, 16]"], "is not valid YAML"),
+    (["split", "resnet18", "--at", "layer3", "--heads", "2", "--leaf-module", "BasicBlock"], "is not module:Class"),
+    (["split", "resnet18", "--at", "layer3", "--heads", "2", "--leaf-module", "timm.models.resnet:Nope"],
+     "cannot import leaf module class 'timm.models.resnet:Nope'"),
+    (["split", "resnet18", "--at", "layer3", "--heads", "2", "--leaf-module", "timm.models.resnet:create_classifier"],
+     "is not a torch.nn.Module class"),
 ])
 def test_bad_input_one_line_no_traceback_nothing_written(tmp_path, args, needle):
     out = tmp_path / "o"
@@ -89,6 +94,35 @@ def test_bad_input_one_line_no_traceback_nothing_written(tmp_path, args, needle)
     msg = res.output.strip()
     assert needle in msg and len(msg.splitlines()) == 1 and "Traceback" not in msg
     assert not out.exists() and not any(tmp_path.iterdir())
+
+
+G4 = ["--model-kwargs", "embed_dim=32", "--model-kwargs", "depth=1", "--model-kwargs", "num_heads=2",
+      "--model-kwargs", "head_dim=16", "--model-kwargs", "intermediate_size=64", "--num-classes", "5",
+      "--input-size", "3,32,32"]
+
+
+def test_leaf_module_makes_an_untraceable_model_splittable(tmp_path):
+    """gemma4_vit's encoder has data-dependent control flow: the error names the flag that fixes it, and
+    with the encoder kept whole the model splits into instances and a head collapses back to timm exactly."""
+    t, out = tmp_path / "t", tmp_path / "out"
+    res = _run("split", "gemma4_vit_167m", "--at", "input", "--heads", "2", *G4, "-o", str(t), ok=False)
+    msg = res.output.strip()
+    assert res.exit_code != 0 and len(msg.splitlines()) == 1 and not t.exists()
+    assert "in module 'encoder' (Gemma4VitEncoder)" in msg and "--leaf-module timm.models.gemma4_vit:Gemma4VitEncoder" in msg
+    leaf = ["--leaf-module", "timm.models.gemma4_vit:Gemma4VitEncoder"]
+    res = _run("nodes", "gemma4_vit_167m", *G4, *leaf)
+    assert any(ln.startswith("encoder ") for ln in res.output.splitlines())
+    _run("split", "gemma4_vit_167m", "--at", "input", "--heads", "2", *G4, *leaf, "-o", str(t))
+    assert json.loads((t / "spec.json").read_text())["leaf_modules"] == ["timm.models.gemma4_vit:Gemma4VitEncoder"]
+    _run("collapse", str(t), "--head", "1", "-o", str(out))  # reloads the tree (spec's leaf modules), verifies logits
+    import timm
+    from headsurgeon import HeadTree
+
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = HeadTree.load(t).eval()(x)[1]
+        got = timm.create_model(f"local-dir:{out}", pretrained=True).eval()(x)
+    assert max_abs_diff(got, want) <= 1e-5
 
 
 def test_collapse_bad_head_and_unreadable_tree(tmp_path):

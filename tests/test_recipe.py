@@ -56,6 +56,7 @@ def test_unknown_key_names_the_nearest(tmp_path):
     ("- a\n- b\n", r"must be a YAML mapping"),
     ("data: {dataset: torch/cifar10}\n", r"needs 'data.root'"),
     ("pretrained: true\nweights: w.safetensors\n", r"use one of them"),
+    ("split: {leaf_modules: [Gemma4VitEncoder]}\n", r"'split.leaf_modules' is \['Gemma4VitEncoder'\]; expected a list of module:Class strings"),
 ])
 def test_bad_values_name_key_and_allowed(tmp_path, text, match):
     with pytest.raises(HeadsurgeonError, match=match):
@@ -245,3 +246,16 @@ def test_docs_name_every_resume_free_key():
 def test_an_empty_recipe_file_is_refused(tmp_path, text):
     with pytest.raises(HeadsurgeonError, match=r"recipe '.*r.yaml' is empty: give it keys"):
         R.load(_write(tmp_path, text))
+
+
+def test_recipe_leaf_modules_reach_the_tracer():
+    """split.leaf_modules is what lets a recipe train a model torch.fx cannot trace whole (gemma4_vit)."""
+    from headsurgeon.train import tree_for
+
+    sets = ["model=gemma4_vit_167m", "split.at=[input]", "split.heads=2", "data.img_size=32",
+            "model_kwargs={embed_dim: 32, depth: 1, num_heads: 2, head_dim: 16, intermediate_size: 64}"]
+    with pytest.raises(HeadsurgeonError, match="split.leaf_modules"):
+        tree_for(R.load(None, sets)[0], classes=10)
+    flat, _ = R.load(None, [*sets, "split.leaf_modules=[timm.models.gemma4_vit:Gemma4VitEncoder]"])
+    tree = tree_for(flat, classes=10)
+    assert tree.num_heads == 2 and tree.spec.leaf_modules == ("timm.models.gemma4_vit:Gemma4VitEncoder",)
