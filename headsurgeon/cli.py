@@ -169,7 +169,7 @@ def _peers_table(names: list[str], kwargs: dict[str, Any], per: list[dict[str, A
         except Exception as e:  # a peer that cannot take the shared input: split would refuse it
             flops = "fails"
             problems.append(f"{n} fails on {'x'.join(map(str, shape))} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:120] if str(e) else ''})")
+                            f"{first_line(e, 120)})")
         prep = f"mean {cfg.get('mean')}, std {cfg.get('std')}, {cfg.get('interpolation')}"
         click.echo(f"{h:<5}{n:<30} {human(sum(p.numel() for p in m.parameters())):>8} {flops:>8} "
                    f"{num_classes(m)!s:>8}  {'x'.join(map(str, default_input_size(m))):<12} {prep}")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .errors import HeadsurgeonError
+from .errors import HeadsurgeonError, first_line
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -206,7 +206,7 @@ def _base(name: str, root: str | None, split: str, download: bool, folds: int | 
         ds = create_dataset(name, root=root, split=split, download=download, is_training=False)
     except Exception as e:  # timm/torchvision/datasets raise many types; one line is enough here
         raise HeadsurgeonError(f"cannot open dataset '{name}' (split '{split}') at '{root}': "
-                               f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+                               f"{type(e).__name__}: {first_line(e)}") from None
     if isinstance(ds, torch.utils.data.IterableDataset):
         raise HeadsurgeonError(f"dataset '{name}' is a streaming dataset; use an ImageFolder, torch/... or hfds/... dataset")
     if len(ds) == 0:

@@ -6,7 +6,7 @@ class HeadsurgeonError(ValueError):
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message for a one-line error; its type name when the message is
-    empty (``str(e).splitlines()[0]`` would raise an IndexError in the error path itself)."""
-    text = str(e).strip()
-    return text.splitlines()[0][:limit] if text else type(e).__name__
+    """The first non-blank line of an exception's message for a one-line error; its type name when the
+    message is empty (``str(e).splitlines()[0]`` would raise an IndexError in the error path itself)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:limit] if lines else type(e).__name__

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from .card import CARD_FILE, MARKER, VERIFIED_FILES, for_repo, read_front_matter
-from .errors import HeadsurgeonError
+from .errors import HeadsurgeonError, first_line
 from .storage import human, sha256_file
 
 DEFAULT_MESSAGE = "Upload model collapsed by headsurgeon"
@@ -61,7 +61,7 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise HeadsurgeonError(f"invalid repo id '{repo_id}': {str(e).splitlines()[0]}") from None
+        raise HeadsurgeonError(f"invalid repo id '{repo_id}': {first_line(e)}") from None
     if "/" not in repo_id:
         raise HeadsurgeonError(f"invalid repo id '{repo_id}': give it as NAMESPACE/NAME (e.g. your-user/{repo_id})")
 
@@ -205,9 +205,9 @@ def validate_card(p: Plan, log: Callable[[str], None] = print) -> bool:
         raise
     except Exception as e:
         if isinstance(e, _transport_errors()):
-            log(f"card metadata not validated: cannot reach the Hub at {endpoint} ({type(e).__name__}: {_first_line(e)})")
+            log(f"card metadata not validated: cannot reach the Hub at {endpoint} ({type(e).__name__}: {first_line(e)})")
             return False
-        message = _explain(e, endpoint, p.repo_id, p.revision) or f"{type(e).__name__}: {_first_line(e)}"
+        message = _explain(e, endpoint, p.repo_id, p.revision) or f"{type(e).__name__}: {first_line(e)}"
         raise HeadsurgeonError(f"card validation failed: {message}".replace(token, "***") if token else
                                f"card validation failed: {message}") from None
     for w in (body.get("warnings") or []) if isinstance(body, dict) else []:
@@ -257,7 +257,7 @@ class _scrubbed:
             return False
         message = _explain(exc, self.endpoint, self.repo_id, self.revision)
         if message is None:  # not foreseen: still one line, still without the token
-            message = f"push to '{self.repo_id}' failed: {type(exc).__name__}: {_first_line(exc)}"
+            message = f"push to '{self.repo_id}' failed: {type(exc).__name__}: {first_line(exc)}"
         raise HeadsurgeonError(message.replace(self.token, "***")) from None
 
 
@@ -271,20 +271,15 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(out)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0][:200] if lines else type(exc).__name__
-
-
 def _explain(exc: BaseException, endpoint: str, repo_id: str, revision: str | None) -> str | None:
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
     from huggingface_hub.utils import HFValidationError
 
     if isinstance(exc, HFValidationError):
-        return f"invalid repo id '{repo_id}': {_first_line(exc)}"
+        return f"invalid repo id '{repo_id}': {first_line(exc)}"
     if isinstance(exc, ValueError) and str(exc).startswith("Invalid metadata in README.md"):  # create_commit's check
         reasons = "; ".join(ln.strip("- ").strip() for ln in str(exc).splitlines()[1:] if ln.strip())
-        return f"the Hub rejected the card's metadata: {reasons or _first_line(exc)}"
+        return f"the Hub rejected the card's metadata: {reasons or first_line(exc)}"
     if isinstance(exc, HfHubHTTPError):
         response = getattr(exc, "response", None)
         status = getattr(response, "status_code", None)
@@ -300,9 +295,9 @@ def _explain(exc: BaseException, endpoint: str, repo_id: str, revision: str | No
             return f"revision '{revision}' does not exist in '{repo_id}'{server}"
         if isinstance(exc, RepositoryNotFoundError):
             return f"repository '{repo_id}' was not found on {endpoint} and could not be created{server}"
-        return f"the Hub at {endpoint} answered {status or 'an error'}: {_first_line(exc)}"
+        return f"the Hub at {endpoint} answered {status or 'an error'}: {first_line(exc)}"
     if isinstance(exc, _transport_errors()):
-        return f"cannot reach the Hub at {endpoint}: {_first_line(exc)} ({type(exc).__name__})"
+        return f"cannot reach the Hub at {endpoint}: {first_line(exc)} ({type(exc).__name__})"
     return None
 
 

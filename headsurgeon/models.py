@@ -41,9 +41,9 @@ def create(name: str, kwargs: dict[str, Any] | None = None, pretrained: bool = F
             raise HeadsurgeonError(f"unknown timm model '{name}'{hint}") from None
         raise HeadsurgeonError(f"cannot create '{name}': {first_line(e, 300)}") from None
     except TypeError as e:
-        raise HeadsurgeonError(f"cannot create '{name}' with {kwargs}: {e}") from None
+        raise HeadsurgeonError(f"cannot create '{name}' with {kwargs}: {first_line(e, 300)}") from None
     except (OSError, ValueError) as e:
-        first = str(e).splitlines()[0].split(". ")[0][:200] if str(e).strip() else ""
+        first = first_line(e).split(". ")[0]
         if pretrained:
             raise HeadsurgeonError(
                 f"cannot download or read the pretrained weights of '{name}' ({type(e).__name__}: {first}); "

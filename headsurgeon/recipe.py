@@ -22,7 +22,7 @@ from typing import Annotated, Any, Iterator, Literal, Sequence
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import HeadsurgeonError
+from .errors import HeadsurgeonError, first_line
 
 SECTIONS = ("split", "data", "loss", "optim", "sched", "log")
 # keys that may change when a run is resumed
@@ -504,7 +504,7 @@ def parse_set(pairs: Sequence[str]) -> dict[str, Any]:
         try:
             out[key.strip()] = _yaml(value)
         except yaml.YAMLError as e:
-            raise HeadsurgeonError(f"--set {key}: value '{value}' is not valid YAML ({str(e).splitlines()[0]})") from None
+            raise HeadsurgeonError(f"--set {key}: value '{value}' is not valid YAML ({first_line(e)})") from None
     return flatten(nest(out), "--set")
 
 

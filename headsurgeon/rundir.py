@@ -38,7 +38,7 @@ from torch import nn
 
 from . import recipe as R
 from . import storage
-from .errors import HeadsurgeonError
+from .errors import HeadsurgeonError, first_line
 from .tree import HeadTree
 
 RUNS = Path("runs")
@@ -408,9 +408,9 @@ class RunDir:
         try:
             s = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # EOFError, RuntimeError (zip), UnpicklingError, ...: all mean "not a state file"
-            msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+            msg = first_line(e, 120)
             raise HeadsurgeonError(f"cannot resume '{self.path}': {point.name}/{STATE_FILE} is unreadable "
-                                   f"({type(e).__name__}{': ' + msg if msg else ''}); {fix}") from None
+                                   f"({type(e).__name__}{'' if msg == type(e).__name__ else ': ' + msg}); {fix}") from None
         need = STATE_KEYS + (RECOVERY_KEYS if isinstance(s, dict) and "step" in s else ("rng",))
         missing = [k for k in need if not isinstance(s, dict) or k not in s]
         if missing:

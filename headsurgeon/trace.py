@@ -13,13 +13,12 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import fx, nn
 from torchvision.models.feature_extraction import NodePathTracer
 
 from timm.layers import DropBlock2d, DropPath, Linear, PatchDropout, get_notrace_functions, get_notrace_modules
 
-from .errors import HeadsurgeonError
+from .errors import HeadsurgeonError, first_line
 from .verify import train_mode
 
 # timm's Linear (nn.Linear plus a TorchScript bias cast; the classifier of MobileNetV3, GhostNet, ...) is kept
@@ -83,7 +82,7 @@ def _trace_once(model: nn.Module, name: str, leaf_modules: tuple[type, ...]) -> 
         found = where and has_module(model, where)
         cls = type(model.get_submodule(where)) if found else None
         at = f" in module '{where}' ({cls.__name__})" if cls else ""
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e, 300)
         # the spec records leaf classes as module:Class, so that is the form every entry point takes
         leaf = f"{cls.__module__}:{cls.__qualname__}" if cls else "module:Class"
         raise HeadsurgeonError(

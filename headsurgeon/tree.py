@@ -685,7 +685,7 @@ def _cut_peers(ms: Sequence[nn.Module], labels: Sequence[str], size: Sequence[in
             raise HeadsurgeonError(f"peer {i} ({label}): {e}") from None
         except Exception as e:  # the eager model itself fails on the shared input
             raise HeadsurgeonError(f"peer {i} ({label}) does not run on the tree's input {'x'.join(map(str, size))} "
-                                   f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); give "
+                                   f"({type(e).__name__}: {first_line(e)}); give "
                                    f"peers that take the same input (input_size=, or img_size= in that peer's "
                                    f"kwargs)") from None
         params = list(inspect.signature(whole.forward).parameters.values())
