@@ -154,6 +154,7 @@ class RunDir:
         self._restart = False
         self._resume: tuple[Path, dict[str, Any]] | None = None
         self._seen: list[tuple[str, int, int, int]] | None = None  # the folder as checked, before the lock
+        self._created = False  # this run made the folder (lock)
 
     def __str__(self) -> str:
         return str(self.path)
@@ -280,6 +281,7 @@ class RunDir:
         finished or moved on between those checks and this lock is never overwritten or resumed from
         an older state.
         """
+        self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         lock = self.path / LOCK_FILE
         with _folder_mutex(self.path):
@@ -302,6 +304,15 @@ class RunDir:
         if self._locked:
             (self.path / LOCK_FILE).unlink(missing_ok=True)
             self._locked = False
+
+    def discard_if_unstarted(self) -> bool:
+        """Remove the folder of a run that failed before it had anything to resume from (a refused W&B
+        login, an out-of-memory first batch), when this run made the folder: a start that failed leaves
+        nothing behind. A folder that was there before is left as it is."""
+        if not self._created or self._locked or self.resumable():
+            return False
+        shutil.rmtree(self.path, ignore_errors=True)
+        return True
 
     def clean_partial(self) -> None:
         """Remove what a killed write left: hidden temporary checkpoint and JSON siblings, and, for a

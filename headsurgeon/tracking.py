@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .errors import HeadsurgeonError
+from .errors import HeadsurgeonError, first_line
 
 if TYPE_CHECKING:
     from .train import Run
@@ -169,8 +169,7 @@ def _wandb_run(directory: Path, recipe: Any, start: int, log: Callable[[str], No
         run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=directory.name, id=run_id,
                          resume="allow", dir=str(directory), config=recipe.nested())
     except Exception as e:  # not logged in, unreachable, bad project: one line before any training
-        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise HeadsurgeonError(f"log.wandb: wandb.init failed: {first[:200]} (run `wandb login`, or set "
+        raise HeadsurgeonError(f"log.wandb: wandb.init failed: {first_line(e)} (run `wandb login`, or set "
                                f"WANDB_MODE=offline to log on this machine only)") from None
     id_file.write_text(run_id + "\n")
     mode = getattr(run.settings, "mode", None) or "online"

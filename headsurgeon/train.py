@@ -666,6 +666,7 @@ def train(recipe: R.Recipe, name: str = "run", output: str | None = None, resume
         raise HeadsurgeonError(f"--stop-after (stop_after) must be at least 1, got {stop_after}: the number of epochs "
                                f"to train in this call, e.g. --stop-after 1")
     run = build(recipe, name, output, resume, log)
+    failed = True
     try:
         if resume:
             restore(run)
@@ -676,18 +677,22 @@ def train(recipe: R.Recipe, name: str = "run", output: str | None = None, resume
         # timm's train.py). The run's long-lived objects are frozen out of it while it trains.
         gc.collect()
         gc.freeze()
-        return fit(run, stop_after)
+        summary = fit(run, stop_after)
+        failed = False
+        return summary
     except KeyboardInterrupt:  # click then prints only "Aborted!"
         if run.proc.primary:
             done = len(run.history)
             log(f"interrupted with {done} epoch(s) finished in '{run.dir}'; continue with `headsurgeon train --resume "
-                f"-o {run.dir}`" if done else f"interrupted before the first epoch finished; nothing in '{run.dir}' "
-                f"to keep: run the same command again to start over")
+                f"-o {run.dir}`" if done or run.dir.resumable() else f"interrupted before the first epoch finished; "
+                f"nothing in '{run.dir}' to keep: run the same command again to start over")
         raise
     finally:
         gc.unfreeze()
         if run.proc.primary:
             run.dir.unlock()
+            if failed and not resume:
+                run.dir.discard_if_unstarted()
         if run.proc.distributed:
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()

@@ -182,3 +182,20 @@ def _has(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def test_a_failed_wandb_start_is_one_line_and_leaves_nothing(tmp_path, offline, monkeypatch):
+    """wandb.init refused (not logged in, no network): one line naming the fix, before any training, and
+    no run directory (recipe.yaml, wandb/) left behind for a run that never started."""
+    wandb = pytest.importorskip("wandb")
+
+    def refuse(**kw):
+        raise wandb.errors.UsageError("api_key not configured (no-tty).\ncall wandb.login(key=[your_api_key])")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    flat, _ = R.load(None, [*TINY, "log.wandb=true"])
+    out = tmp_path / "run"
+    with pytest.raises(HeadsurgeonError, match=r"^log.wandb: wandb.init failed: api_key not configured \(no-tty\)\. "
+                                               r"\(run `wandb login`"):
+        T.train(flat, output=str(out), log=lambda m: None)
+    assert not out.exists(), sorted(p.name for p in out.rglob("*"))
