@@ -103,13 +103,34 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
             raise os_error(e, target) from None
         return
     if target.exists():
-        old = target.with_name(f".{target.name}.old")
+        if _exchange(tmp, target):  # one atomic step: target is the old or the new folder, never absent
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        old = _old(target)  # two steps: a kill between them leaves only .NAME.old, restored by the next write
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
         os.replace(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
+
+
+def _old(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux ``renameat2(RENAME_EXCHANGE)``, which the standard library
+    does not wrap); False where the OS or file system has no such call."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def pid_alive(pid: int) -> bool:
@@ -122,7 +143,14 @@ def pid_alive(pid: int) -> bool:
 
 def remove_stale_temps(target: Path) -> None:
     """Remove the half-written temporary siblings of ``target`` (``.NAME.PID.*``) that a killed write left;
-    those of a live process (another write in progress) are kept."""
+    those of a live process (another write in progress) are kept. A ``target`` that a kill mid-replace
+    left only as ``.NAME.old`` is put back first: finished work is never lost to a killed overwrite."""
+    old = _old(target)
+    if old.is_dir():
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, target)
     for p in target.parent.glob(f".{glob.escape(target.name)}.*"):
         pid = p.name[len(target.name) + 2:].split(".")[0]
         if pid.isdigit() and p.is_dir() and not pid_alive(int(pid)):

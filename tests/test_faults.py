@@ -497,6 +497,37 @@ def test_an_output_another_process_writes_meanwhile_is_kept(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out"]
 
 
+@pytest.mark.parametrize("exchange", [True, False])
+def test_overwrite_replaces_in_place_and_a_kill_mid_replace_loses_nothing(tmp_path, monkeypatch, exchange):
+    """--overwrite swaps the new folder in (renameat2 where the OS has it, else two renames); a kill
+    between the two renames leaves the old folder as .NAME.old, which the next write to NAME puts back."""
+    from headsurgeon import storage
+
+    swaps, real = [], storage._exchange
+    monkeypatch.setattr(storage, "_exchange", lambda a, b: swaps.append(exchange and real(a, b)) or swaps[-1])
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old").write_text("old")
+    with storage.atomic_dir(target, overwrite=True) as tmp:
+        (tmp / "new").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new"] and [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert swaps == [exchange and sys.platform == "linux"]  # Linux swaps in one step
+
+    def killed(src, dst):  # the first rename (target -> .out.old) happens, then the process dies
+        os.rename(src, dst)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(storage.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        with storage.atomic_dir(target, overwrite=True) as tmp:
+            (tmp / "newer").write_text("newer")
+    monkeypatch.undo()
+    assert not target.exists() and (tmp_path / ".out.old" / "new").is_file()
+    storage.remove_stale_temps(target)  # what the next split/collapse/train to `out` does first
+    assert [p.name for p in target.iterdir()] == ["new"] and not (tmp_path / ".out.old").exists()
+
+
 _KILL_IN_FIRST_CHECKPOINT = textwrap.dedent("""
     # kill -9 this process half-way through writing the first last/state.pt
     import os, signal, sys, torch
