@@ -314,6 +314,12 @@ class RunDir:
         shutil.rmtree(self.path, ignore_errors=True)
         return True
 
+    def restore_replaced(self) -> None:
+        """Checkpoint folders a killed overwrite left as ``.NAME.old`` are put back before anything
+        reads them (where the OS cannot swap folders in one step; see :func:`storage.atomic_dir`)."""
+        for d in (self.best, self.last, self.recovery):
+            storage.restore_replaced(d)
+
     def clean_partial(self) -> None:
         """Remove what a killed write left: hidden temporary checkpoint and JSON siblings, and, for a
         run started over (see :meth:`check_new`), the files of the attempt that was killed."""

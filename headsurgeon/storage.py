@@ -141,16 +141,23 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(target: Path) -> None:
-    """Remove the half-written temporary siblings of ``target`` (``.NAME.PID.*``) that a killed write left;
-    those of a live process (another write in progress) are kept. A ``target`` that a kill mid-replace
-    left only as ``.NAME.old`` is put back first: finished work is never lost to a killed overwrite."""
+def restore_replaced(target: Path) -> None:
+    """Put back a ``target`` that a kill between the two renames of an overwrite left only as
+    ``.NAME.old`` (finished work is never lost to a killed overwrite); remove a ``.NAME.old`` whose
+    replacement did land."""
     old = _old(target)
     if old.is_dir():
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(old, target)
+
+
+def remove_stale_temps(target: Path) -> None:
+    """Remove the half-written temporary siblings of ``target`` (``.NAME.PID.*``) that a killed write left;
+    those of a live process (another write in progress) are kept. A ``target`` that a kill mid-replace
+    left only as ``.NAME.old`` is put back first (:func:`restore_replaced`)."""
+    restore_replaced(target)
     for p in target.parent.glob(f".{glob.escape(target.name)}.*"):
         pid = p.name[len(target.name) + 2:].split(".")[0]
         if pid.isdigit() and p.is_dir() and not pid_alive(int(pid)):

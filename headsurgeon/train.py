@@ -161,6 +161,7 @@ def _run_dir(recipe: R.Recipe, name: str, output: str | None, resume: bool, proc
             out = box[0]
     run = RunDir(out)
     run.check_unlocked()
+    run.restore_replaced()
     if resume:
         run.check_resume()  # a resume point whose state file is sound, in a writable folder
         try:

@@ -141,3 +141,14 @@ def test_an_interrupt_says_what_was_kept_and_how_to_go_on(folder, tmp_path, monk
                         f"`headsurgeon train --resume -o {out}`")
     monkeypatch.setattr(T, "fit", real_fit)
     assert T.train(_recipe(folder), output=str(out), resume=True, log=_quiet)["finished"]
+
+
+def test_a_checkpoint_a_killed_overwrite_left_as_old_is_put_back(folder, tmp_path, monkeypatch):  # noqa: F811
+    """Where folders cannot be swapped in one step, a kill between the two renames of a checkpoint
+    overwrite leaves last/ only as .last.old: --resume puts it back and continues from it."""
+    out = tmp_path / "run"
+    T.train(_recipe(folder), output=str(out), stop_after=1, log=_quiet)
+    (out / "last").rename(out / ".last.old")
+    s = T.train(_recipe(folder), output=str(out), resume=True, log=_quiet)
+    assert s["finished"] and not (out / ".last.old").exists()
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
