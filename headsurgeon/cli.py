@@ -344,8 +344,10 @@ def train_cmd(recipe: str | None, sets: tuple[str, ...], output: str | None, res
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
 @click.option("--schema", is_flag=True, help="Print the JSON Schema of recipe files instead (for editors).")
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="Write to this file instead of stdout.")
+@click.option("--check", "check_tree", is_flag=True, help="Also build the recipe's model and tree (no data): refuses an "
+              "unknown model, split point, fan-out or leaf module in seconds, before a long job.")
 @_one_line_errors
-def recipe_cmd(recipe: str | None, sets: tuple[str, ...], schema: bool, output: str | None) -> None:
+def recipe_cmd(recipe: str | None, sets: tuple[str, ...], schema: bool, output: str | None, check_tree: bool) -> None:
     """Check RECIPE (with --set overrides) and print it resolved, every key with its value, as
     `headsurgeon train` would run it; or, with --schema, the JSON Schema that editors use to complete
     and check recipe files (`# yaml-language-server: $schema=...`)."""
@@ -353,10 +355,19 @@ def recipe_cmd(recipe: str | None, sets: tuple[str, ...], schema: bool, output: 
 
     from . import recipe as R
 
+    if schema and (check_tree or recipe or sets):
+        raise HeadsurgeonError("--schema prints the schema of every recipe; leave out RECIPE, --set and --check")
     if schema:
         text = R.schema_text()
     else:
-        text = yaml.safe_dump(R.load(recipe, sets)[0].nested(), sort_keys=False)
+        flat = R.load(recipe, sets)[0]
+        if check_tree:
+            from .train import check
+
+            tree = check(flat)
+            click.echo(f"checked: {tree.spec.label} split at {','.join(tree.spec.at) or 'nothing'} into "
+                       f"{tree.num_heads} heads, cut verified against the eager model", err=True)
+        text = yaml.safe_dump(flat.nested(), sort_keys=False)
     if output:
         from .storage import check_writable, os_error, write_text
 

@@ -177,6 +177,13 @@ def _run_dir(recipe: R.Recipe, name: str, output: str | None, resume: bool, proc
     return run
 
 
+def check(recipe: R.Recipe) -> HeadTree:
+    """The recipe's tree built without its data (random init unless the recipe names weights), so that
+    an unknown model, split point, fan-out or leaf module is refused in seconds, before a long job.
+    The classifier size does not change what is checked: 10 classes stand in for the dataset's."""
+    return HeadTree.load(recipe.tree) if recipe.tree else tree_for(recipe, classes=10)
+
+
 def tree_for(recipe: R.Recipe, classes: int) -> HeadTree:
     """The recipe's tree: ``tree:`` loaded (its classes checked), else ``model`` split as ``split.*`` says."""
     r = recipe

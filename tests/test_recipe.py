@@ -197,6 +197,26 @@ def test_cli_recipe_prints_the_resolved_recipe_and_the_schema(tmp_path):
     assert "'epochs' is 0" in r.output and "'data.hflip' is 2" in r.output
 
 
+def test_cli_recipe_check_builds_the_tree_without_data():
+    """--check refuses what only the model can tell (a split point it lacks), in one line; a good recipe
+    still prints the resolved YAML on stdout, with one 'checked:' line on stderr."""
+    from click.testing import CliRunner
+
+    from headsurgeon.cli import main
+
+    tiny = ["--set", "model_kwargs={channels: [8, 16, 32, 64], stem_width: 8}", "--set", "data.img_size=16"]
+    r = CliRunner().invoke(main, ["recipe", *tiny, "--set", "split.at=[layer3, layer5]", "--check"])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and "unknown split point 'layer5'" in r.output
+    r = CliRunner().invoke(main, ["recipe", *tiny, "--set", "model=resnet10", "--check"])
+    assert r.exit_code == 1 and "unknown timm model 'resnet10'; did you mean" in r.output
+    r = CliRunner().invoke(main, ["recipe", *tiny, "--check"])
+    assert r.exit_code == 0, r.output
+    assert r.stderr == "checked: resnet10t split at layer3,layer4 into 4 heads, cut verified against the eager model\n"
+    assert yaml.safe_load(r.stdout)["split"]["at"] == ["layer3", "layer4"]
+    r = CliRunner().invoke(main, ["recipe", "--schema", "--check"])
+    assert r.exit_code == 1 and "leave out RECIPE, --set and --check" in r.output
+
+
 def test_cli_recipe_output_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     import errno
 
