@@ -207,7 +207,7 @@ def import_classes(paths: Sequence[str | type]) -> tuple[type, ...]:
             for part in qual.split("."):
                 obj = getattr(obj, part)
         except (ImportError, AttributeError) as e:
-            raise HeadsurgeonError(f"cannot import leaf module class '{p}': {e} (name it as module:Class, e.g. "
+            raise HeadsurgeonError(f"cannot import leaf module class '{p}': {first_line(e)} (name it as module:Class, e.g. "
                                    f"timm.models.gemma4_vit:Gemma4VitEncoder)") from None
         if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
             raise HeadsurgeonError(f"leaf module '{p}' is not a torch.nn.Module class; name the module class to keep "
