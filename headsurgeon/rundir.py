@@ -154,7 +154,7 @@ class RunDir:
         self._restart = False
         self._resume: tuple[Path, dict[str, Any]] | None = None
         self._seen: list[tuple[str, int, int, int]] | None = None  # the folder as checked, before the lock
-        self._created = False  # this run made the folder (lock)
+        self._fresh: str | None = None  # at the lock: "absent" or "empty" when this run is the folder's first
 
     def __str__(self) -> str:
         return str(self.path)
@@ -281,7 +281,7 @@ class RunDir:
         finished or moved on between those checks and this lock is never overwritten or resumed from
         an older state.
         """
-        self._created = not self.path.exists()
+        self._fresh = "absent" if not self.path.exists() else "empty" if not any(self.path.iterdir()) else None
         self.path.mkdir(parents=True, exist_ok=True)
         lock = self.path / LOCK_FILE
         with _folder_mutex(self.path):
@@ -306,12 +306,19 @@ class RunDir:
             self._locked = False
 
     def discard_if_unstarted(self) -> bool:
-        """Remove the folder of a run that failed before it had anything to resume from (a refused W&B
-        login, an out-of-memory first batch), when this run made the folder: a start that failed leaves
-        nothing behind. A folder that was there before is left as it is."""
-        if not self._created or self._locked or self.resumable():
+        """Undo the start of a run that failed before it had anything to resume from (a refused W&B
+        login, an out-of-memory first batch) in a folder that was absent or empty: a start that failed
+        leaves nothing behind. A folder that held an earlier attempt keeps it (it is started over)."""
+        if self._fresh is None or self._locked or self.resumable():
             return False
-        shutil.rmtree(self.path, ignore_errors=True)
+        if self._fresh == "absent":
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            for p in self.path.iterdir():
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
         return True
 
     def restore_replaced(self) -> None:

@@ -199,3 +199,7 @@ def test_a_failed_wandb_start_is_one_line_and_leaves_nothing(tmp_path, offline, 
                                                r"\(run `wandb login`"):
         T.train(flat, output=str(out), log=lambda m: None)
     assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+    out.mkdir()  # a folder made empty beforehand is left empty
+    with pytest.raises(HeadsurgeonError, match="wandb.init failed"):
+        T.train(flat, output=str(out), log=lambda m: None)
+    assert out.is_dir() and not any(out.iterdir()), sorted(p.name for p in out.rglob("*"))
