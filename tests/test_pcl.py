@@ -44,7 +44,9 @@ def runs(folder, tmp_path_factory):  # noqa: F811
     """A 2-epoch pcl run, the same stopped after epoch 1 ("one"), and that copy resumed to the end."""
     root = tmp_path_factory.mktemp("pcl")
     flat = _recipe(folder, PCL)
-    T.train(flat, output=str(root / "straight"), log=_quiet)
+    said: list[str] = []
+    T.train(flat, output=str(root / "straight"), log=said.append)
+    (root / "straight.log").write_text("\n".join(said))
     T.train(flat, output=str(root / "one"), stop_after=1, log=_quiet)
     shutil.copytree(root / "one", root / "resumed")
     T.train(flat, output=str(root / "resumed"), resume=True, log=_quiet)
@@ -224,3 +226,24 @@ def test_heterogeneous_peers_give_their_own_features(folder, tmp_path):  # noqa:
             assert torch.equal(run.tree.classifier(j)(run.features[j]), outs[j])
     loss, _, terms = T.train_epoch(run, 0)
     assert torch.isfinite(torch.tensor(loss)) and len(terms["soft"]) == 2 and terms["teacher_ce"] > 0
+
+
+def test_a_temporal_mean_slower_than_the_run_is_named(runs):
+    """An exported EMA whose window is a large share of the run's steps lags the weights (Fashion-MNIST:
+    PCL at 0.999 over ~2,700 steps); the log says so and names a decay that fits the budget."""
+    from types import SimpleNamespace
+
+    from headsurgeon.train import _warn_slow_mean
+
+    said: list[str] = []
+    _warn_slow_mean(SimpleNamespace(decay=0.999), 2700, "loss.ema_decay", said.append)
+    assert said == ["note: loss.ema_decay 0.999 averages the weights over about 1,000 optimizer steps, 37% of this "
+                    "run's 2,700: the evaluated and exported mean will lag the trained weights; about 0.991 (a window "
+                    "of 4 % of the steps) fits this budget"]
+    _warn_slow_mean(SimpleNamespace(decay=0.99), 2700, "loss.ema_decay", said.append)  # 100 steps: 3.7 %
+    _warn_slow_mean(None, 2700, "ema", said.append)
+    assert len(said) == 1
+    _warn_slow_mean(SimpleNamespace(decay=0.9), 20, "ema", said.append)
+    assert said[-1].endswith("a much smaller decay, or more steps, fits this budget")
+    assert "note: loss.ema_decay 0.999 averages the weights over about 1,000 optimizer steps" in \
+        (runs / "straight.log").read_text()  # a real pcl run's log (2 tiny epochs)
