@@ -122,8 +122,9 @@ def nodes(model: str, all_paths: bool, num_classes: int | None, model_kwargs: tu
     shape there and the parameters and FLOPs a branch forked there would own. For a list of models
     (MODEL1,MODEL2: heterogeneous peers, which split only at the input), compare them instead: size,
     classes, input and the preprocessing each was made for."""
-    from .models import create, default_input_size, import_classes
+    from .models import create, default_input_size
     from .points import split_points
+    from .trace import import_classes
 
     names = _models(model)
     kwargs, per = _parse_kwargs(model_kwargs, len(names) if isinstance(names, list) else 0)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import copy
 import difflib
-import importlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import timm
 from torch import nn
@@ -181,39 +180,6 @@ def default_input_size(m: nn.Module) -> tuple[int, ...]:
         return tuple(get_model_input_config(m)["input_size"])
     except Exception:
         return tuple(m.pretrained_cfg.get("input_size", (3, 224, 224)))
-
-
-def class_path(cls: type) -> str:
-    """``module:QualName``, the form a spec records leaf-module classes in."""
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def import_classes(paths: Sequence[str | type]) -> tuple[type, ...]:
-    """The module classes named by :func:`class_path` strings (classes pass through, checked)."""
-    out = []
-    for p in paths:
-        if isinstance(p, type):
-            obj: Any = p
-            if not issubclass(obj, nn.Module):
-                raise HeadsurgeonError(f"leaf module {obj.__qualname__} is not a torch.nn.Module class")
-            out.append(obj)
-            continue
-        mod, _, qual = p.partition(":")
-        if not mod or not qual:
-            raise HeadsurgeonError(f"leaf module '{p}' is not module:Class; name it like "
-                                   f"timm.models.gemma4_vit:Gemma4VitEncoder")
-        try:
-            obj = importlib.import_module(mod)
-            for part in qual.split("."):
-                obj = getattr(obj, part)
-        except (ImportError, AttributeError) as e:
-            raise HeadsurgeonError(f"cannot import leaf module class '{p}': {first_line(e)} (name it as module:Class, e.g. "
-                                   f"timm.models.gemma4_vit:Gemma4VitEncoder)") from None
-        if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-            raise HeadsurgeonError(f"leaf module '{p}' is not a torch.nn.Module class; name the module class to keep "
-                                   f"whole when tracing, as module:Class")
-        out.append(obj)
-    return tuple(out)
 
 
 def _is_json(v: Any) -> bool:

@@ -6,6 +6,7 @@ or not at all: it is written into a hidden sibling and renamed into place.
 from __future__ import annotations
 
 import errno
+import functools
 import glob
 import hashlib
 import json
@@ -119,18 +120,23 @@ def _old(target: Path) -> Path:
     return target.with_name(f".{target.name}.old")
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directories atomically (Linux ``renameat2(RENAME_EXCHANGE)``, which the standard library
-    does not wrap); False where the OS or file system has no such call."""
+@functools.cache
+def _renameat2() -> Any:
+    """libc's ``renameat2``, looked up once (every checkpoint overwrite uses it); None where there is none."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
+        return ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
-        return False
+        return None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux ``renameat2(RENAME_EXCHANGE)``, which the standard library
+    does not wrap); False where the OS or file system has no such call."""
+    renameat2 = _renameat2()
     at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    return renameat2 is not None and renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def pid_alive(pid: int) -> bool:

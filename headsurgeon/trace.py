@@ -9,9 +9,10 @@ model.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from torch import fx, nn
 from torchvision.models.feature_extraction import NodePathTracer
@@ -24,6 +25,39 @@ from .verify import train_mode
 # timm's Linear (nn.Linear plus a TorchScript bias cast; the classifier of MobileNetV3, GhostNet, ...) is kept
 # whole like torch's own, so a head's classifier is called as a module and a hook sees its input (PCL's features)
 EXTRA_LEAVES = (DropPath, DropBlock2d, PatchDropout, Linear)
+
+
+def class_path(cls: type) -> str:
+    """``module:QualName``, the form a spec, the CLI and recipes name leaf-module classes in."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def import_classes(paths: Sequence[str | type]) -> tuple[type, ...]:
+    """The module classes named by :func:`class_path` strings (classes pass through), each checked."""
+    out = []
+    for p in paths:
+        obj: Any = p if isinstance(p, type) else _import_class(p)
+        if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+            name = p.__qualname__ if isinstance(p, type) else f"'{p}'"
+            raise HeadsurgeonError(f"leaf module {name} is not a torch.nn.Module class; name the module class to "
+                                   f"keep whole when tracing, as module:Class")
+        out.append(obj)
+    return tuple(out)
+
+
+def _import_class(path: str) -> Any:
+    mod, _, qual = path.partition(":")
+    if not mod or not qual:
+        raise HeadsurgeonError(f"leaf module '{path}' is not module:Class; name it like "
+                               f"timm.models.gemma4_vit:Gemma4VitEncoder")
+    try:
+        obj: Any = importlib.import_module(mod)
+        for part in qual.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise HeadsurgeonError(f"cannot import leaf module class '{path}': {first_line(e)} (name it as module:Class, "
+                               f"e.g. timm.models.gemma4_vit:Gemma4VitEncoder)") from None
+    return obj
 
 
 class HeadTracer(NodePathTracer):
@@ -82,11 +116,9 @@ def _trace_once(model: nn.Module, name: str, leaf_modules: tuple[type, ...]) -> 
         found = where and has_module(model, where)
         cls = type(model.get_submodule(where)) if found else None
         at = f" in module '{where}' ({cls.__name__})" if cls else ""
-        msg = first_line(e, 300)
-        # the spec records leaf classes as module:Class, so that is the form every entry point takes
-        leaf = f"{cls.__module__}:{cls.__qualname__}" if cls else "module:Class"
+        leaf = class_path(cls) if cls else "module:Class"
         raise HeadsurgeonError(
-            f"cannot trace {name} with torch.fx{at}: {type(e).__name__}: {msg[:300]} "
+            f"cannot trace {name} with torch.fx{at}: {type(e).__name__}: {first_line(e, 300)} "
             f"(to keep that module whole: --leaf-module {leaf}, recipe key split.leaf_modules, or split(leaf_modules=...))"
         ) from None
     return graph, dict(tracer.node_to_qualname)

@@ -29,7 +29,7 @@ from . import models, verify
 from .cut import INPUT, cut_graph, feature_points, point_names, resolve_all
 from .errors import HeadsurgeonError, first_line
 from .storage import atomic_dir, sha256_file
-from .trace import trace
+from .trace import class_path, import_classes, trace
 from .version import __version__
 
 SPEC_FILE = "spec.json"
@@ -440,7 +440,7 @@ class HeadTree(nn.Module):
             )
         _check_sum(directory)
         spec = SplitSpec.from_json(spec_path.read_text(), where=str(spec_path))
-        leaf = models.import_classes(spec.leaf_modules)
+        leaf = import_classes(spec.leaf_modules)
         if spec.peers:
             ms = [models.model_from_spec(spec, h) for h in range(spec.heads)]
             levels, owns, _ = _cut_peers(ms, [p.architecture for p in spec.peers],
@@ -537,7 +537,7 @@ def split(model: str | nn.Module | Sequence[str | nn.Module], at: Sequence[str] 
     if input_size is not None and (len(input_size) != 3 or any(not isinstance(v, int) or v < 1 for v in input_size)):
         raise HeadsurgeonError(f"input_size must be three positive integers (C, H, W), e.g. (3, 224, 224); "
                                f"got {tuple(input_size)}")
-    leaf_modules = models.import_classes(leaf_modules)
+    leaf_modules = import_classes(leaf_modules)
     if isinstance(model, (list, tuple)):
         return _split_peers(list(model), at, heads, fanout, rescale, branch_init, weights, seed, input_size, verify,
                             leaf_modules, peer_kwargs, create_kwargs)
@@ -571,7 +571,7 @@ def split(model: str | nn.Module | Sequence[str | nn.Module], at: Sequence[str] 
         no_weight_decay=sorted(models.no_weight_decay(m)), unused=unused, at=at, heads=heads, fanout=fanout,
         rescale=bool(rescale), branch_init=branch_init or ("independent" if src.trained is None else "pretrained"),
         seed=int(seed), input_size=size,
-        leaf_modules=[models.class_path(c) for c in leaf_modules], owns_input=owns,
+        leaf_modules=[class_path(c) for c in leaf_modules], owns_input=owns,
         versions={"headsurgeon": __version__, "timm": timm.__version__, "torch": torch.__version__},
     )
     levels, shared = _grow(protos, fanout)
@@ -652,7 +652,7 @@ def _split_peers(items: list[str | nn.Module], at: list[str], heads: int | None,
     spec = SplitSpec(
         **peers[0].model_dump(), peers=peers, at=[INPUT], heads=n, fanout=[n], rescale=bool(rescale),
         branch_init=branch_init or ("pretrained" if pretrained else "independent"), seed=int(seed), input_size=size,
-        leaf_modules=[models.class_path(c) for c in leaf_modules], owns_input=owns, format=PEERS_FORMAT,
+        leaf_modules=[class_path(c) for c in leaf_modules], owns_input=owns, format=PEERS_FORMAT,
         versions={"headsurgeon": __version__, "timm": timm.__version__, "torch": torch.__version__},
     )
     tree = HeadTree(levels, spec)
