@@ -137,6 +137,20 @@ def test_paper_variants_map_to_trees():
 
 
 
+
+def test_peers_recipe_builds_a_resnet_and_a_mobilenet_on_grey_images():
+    """The heterogeneous-peer recipe is the one a DML user starts from: two architectures, one per head,
+    both taking the dataset's 1-channel images, trained with dml."""
+    import torch
+
+    from headsurgeon.train import check
+
+    flat, _ = R.load(RECIPES / "fashion-mnist-peers.yaml")
+    assert flat.loss.objective == "dml" and flat.data.dataset == "fashion-mnist"
+    tree = check(flat)
+    assert [tree.spec.peer(h).architecture for h in range(2)] == ["resnet10t", "mobilenetv3_small_050"]
+    assert tree(torch.zeros(2, 1, 28, 28))[1].shape == (2, 10)
+
 def test_digits_folds_are_disjoint_covering_stratified_and_fixed():
     from collections import Counter
 
