@@ -136,8 +136,6 @@ def test_paper_variants_map_to_trees():
     assert (flat.model, flat.split.at, flat.split.heads) == ("resnet50", ["layer3", "layer4"], 4)
 
 
-
-
 def test_peers_recipe_builds_a_resnet_and_a_mobilenet_on_grey_images():
     """The heterogeneous-peer recipe is the one a DML user starts from: two architectures, one per head,
     both taking the dataset's 1-channel images, trained with dml."""
@@ -150,6 +148,7 @@ def test_peers_recipe_builds_a_resnet_and_a_mobilenet_on_grey_images():
     tree = check(flat)
     assert [tree.spec.peer(h).architecture for h in range(2)] == ["resnet10t", "mobilenetv3_small_050"]
     assert tree(torch.zeros(2, 1, 28, 28))[1].shape == (2, 10)
+
 
 def test_digits_folds_are_disjoint_covering_stratified_and_fixed():
     from collections import Counter
