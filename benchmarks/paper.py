@@ -384,6 +384,7 @@ def report(cells: list[dict[str, Any]], settings: dict[str, Any]) -> str:
              ("gain over single: inst4", "inst4", "single"), ("gain over single: inst2", "inst2", "single"),
              ("label smoothing vs single", "ls", "single"),
              ("sharing ≥ instances: hier4 vs inst4", "hier4", "inst4"), ("sharing ≥ instances: heads2 vs inst2", "heads2", "inst2"),
+             ("gain over single: hier4-norescale", "hier4-norescale", "single"),
              ("rescaling helps: hier4 vs hier4-norescale", "hier4", "hier4-norescale"),
              ("gain over single: dml4", "dml4", "single"), ("gain over single: one4", "one4", "single"),
              ("gain over single: kdcl4", "kdcl4", "single"), ("gain over single: pcl4", "pcl4", "single"),
