@@ -311,12 +311,17 @@ def splits(recipe: "Recipe") -> Splits:
     g = torch.Generator().manual_seed(recipe.data.noise_seed)
     flip = torch.randperm(len(train_idx), generator=g)[: round(frac * len(train_idx))].tolist()
     offsets = {i: int(o) for i, o in zip(flip, torch.randint(1, classes, (len(flip),), generator=g).tolist())}
+    val_offsets: dict[int, int] = {}
+    if recipe.data.val_noise and frac > 0:  # drawn after train's, so train's draw is the same with or without it
+        vflip = torch.randperm(len(val_idx), generator=g)[: round(frac * len(val_idx))].tolist()
+        val_offsets = {i: int(o) for i, o in zip(vflip, torch.randint(1, classes, (len(vflip),), generator=g).tolist())}
     return Splits(
         train=View(train_base, train_idx, offsets, classes),
-        val=View(train_base, val_idx),
+        val=View(train_base, val_idx, val_offsets, classes),
         test=View(test_base, range(len(test_base))),
         num_classes=classes,
-        noise={"fraction": frac, "flipped": len(offsets), "seed": recipe.data.noise_seed},
+        noise={"fraction": frac, "flipped": len(offsets), "seed": recipe.data.noise_seed,
+               **({"val_flipped": len(val_offsets)} if recipe.data.val_noise else {})},
         label_names=(lambda n: n if n and len(n) == classes else None)(label_names(train_base)),
     )
 

@@ -113,6 +113,9 @@ class DataCfg(_Section):
                            "train split's class proportions); needs a dataset that lists its labels")
     label_noise: float = Field(0.0, ge=0, lt=1, description="symmetric label-noise fraction on train")
     noise_seed: int = Field(0, ge=0, description="seed of the label noise")
+    val_noise: bool = Field(False, description="the validation split's labels carry the same symmetric noise "
+                            "(data.label_noise, its own draw from data.noise_seed): early stopping and head choice as a "
+                            "user whose held-out labels are as noisy as the training labels would make them")
     batch_size: int = Field(64, ge=1, description="batch size per process")
     eval_batch_size: int | None = Field(None, ge=1, description="eval batch size (default 2x batch_size)")
     workers: int = Field(0, ge=0, description="data loader workers per process")
@@ -215,6 +218,10 @@ class LogCfg(_Section):
                         "(optional extra headsurgeon[wandb]; WANDB_MODE=offline keeps it on this machine)")
     wandb_project: str = Field("headsurgeon", min_length=1, description="W&B project")
     wandb_entity: str | None = Field(None, description="W&B entity (user or team; null: the login's default)")
+    fit_every: int = Field(0, ge=0, description="every N epochs (and at the last), evaluate the un-augmented training "
+                           "images: each head's top-1 against the (noisy) labels trained on and against the true labels, "
+                           "and the share of flipped labels predicted as their noisy label (memorised); metrics.jsonl "
+                           "'fit' (0: off). Costs one pass over the training images")
 
     @model_validator(mode="after")
     def _installed(self) -> "LogCfg":
@@ -247,6 +254,9 @@ class Recipe(_Section):
     sched: SchedCfg = SchedCfg()
     log: LogCfg = LogCfg()
     epochs: int = Field(20, ge=1, description="training epochs")
+    eval_every: int = Field(1, ge=1, description="evaluate validation and test every N epochs and at the last one "
+                            "(the best checkpoint is chosen among those epochs; metrics.jsonl rows in between hold "
+                            "training metrics only): a long schedule whose evaluation costs as much as its training")
     amp: Literal[False, True, "bf16", "fp16"] = Field(False, description="mixed precision on CUDA (true: bf16)")
     ema: bool | Annotated[float, Field(ge=0, lt=1)] = Field(False, description=f"EMA of weights: false, true "
                                                             f"({EMA_DEFAULT}) or a decay")
@@ -326,6 +336,9 @@ class Recipe(_Section):
             raise ValueError("'model_kwargs' is a list (one mapping per model) but 'model' is one name; give a mapping")
         if self.pretrained and self.weights:
             raise ValueError("'pretrained' and 'weights' both give starting weights; use one of them")
+        if self.eval_every > 1 and self.sched.sched == "plateau":
+            raise ValueError(f"'eval_every' is {self.eval_every} but sched.sched 'plateau' steps on every epoch's "
+                             f"validation accuracy; use eval_every: 1 or another schedule")
         if self.loss.objective == "pcl" and self.ema is not False:
             raise ValueError("'ema' is set but loss.objective 'pcl' keeps its own temporal mean (EMA) of the tree, which "
                              "is evaluated and exported; set its decay with 'loss.ema_decay' and leave 'ema' off")

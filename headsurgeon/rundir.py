@@ -475,6 +475,7 @@ class RunDir:
             import matplotlib.pyplot as plt
         except ImportError:
             return False
+        history = [h for h in history if "val" in h]  # evaluated epochs (recipe eval_every)
         epochs = [h["epoch"] for h in history]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
         for ax, split_ in zip(axes, ("val", "test")):

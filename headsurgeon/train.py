@@ -24,7 +24,7 @@ from .rundir import EMA_FILE, OBJECTIVE_FILE, RUNS, STATE_FILE, RunDir, latest_r
 from .tree import HeadTree, split
 from .verify import eval_mode
 
-__all__ = ["train", "evaluate", "train_epoch", "objective_for", "mixup_for", "tree_for", "temporal_mean", "build",
+__all__ = ["train", "evaluate", "evaluate_fit", "train_epoch", "objective_for", "mixup_for", "tree_for", "temporal_mean", "build",
            "restore", "RUNS", "STATE_FILE", "latest_run"]
 
 
@@ -72,6 +72,41 @@ def evaluate(tree: HeadTree, loader, device: torch.device, autocast: Callable = 
     return {"heads": per[:heads], "ensemble": per[heads], "n": int(n.item())}
 
 
+def evaluate_fit(tree: HeadTree, loader, offsets: dict[int, int], classes: int, device: torch.device,
+                 autocast: Callable = contextlib.nullcontext, channels_last: bool = False,
+                 distributed: bool = False) -> dict[str, Any]:
+    """How each head fits its training labels: ``loader`` yields the training images un-augmented with
+    their *true* labels, in order; ``offsets`` (sample index -> label offset) are the flipped ones.
+    Top-1 against the noisy labels trained on, against the true labels, and on the flipped samples the
+    share predicted as their noisy label ('memorised'): the memorisation regime of the literature."""
+    heads = tree.num_heads
+    counts = torch.zeros(heads, 3, dtype=torch.float64, device=device)  # noisy hits, true hits, memorised
+    n = torch.zeros(2, dtype=torch.float64, device=device)  # samples, flipped samples
+    flipped = torch.zeros(0, dtype=torch.long)
+    seen = 0
+    with eval_mode(tree), torch.no_grad():
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            idx = range(seen, seen + len(y))
+            off = torch.tensor([offsets.get(i, 0) for i in idx], device=device)
+            noisy, flipped = (y + off) % classes, off != 0
+            with autocast():
+                preds = torch.stack([o.float().argmax(1) for o in tree(x)])
+            counts[:, 0] += (preds == noisy).sum(1)
+            counts[:, 1] += (preds == y).sum(1)
+            counts[:, 2] += ((preds == noisy) & flipped).sum(1)
+            n += torch.tensor([len(y), int(flipped.sum())], dtype=torch.float64, device=device)
+            seen += len(y)
+    if distributed:
+        torch.distributed.all_reduce(counts)
+        torch.distributed.all_reduce(n)
+    pct = lambda c, d: [round(v, 4) for v in (c * 100 / d).tolist()] if d else None  # noqa: E731
+    return {"noisy": pct(counts[:, 0], n[0]), "true": pct(counts[:, 1], n[0]),
+            "memorised": pct(counts[:, 2], n[1]), "n": int(n[0]), "flipped": int(n[1])}
+
+
 # ------------------------------------------------------------------------------- building a run
 
 @dataclass
@@ -108,6 +143,7 @@ class Run:
     eval_loaders: dict[str, Any]
     log: Callable[[str], None]
     mixup: Any = None  # timm.data.Mixup, or None
+    fit_eval: tuple[Any, dict[int, int]] | None = None  # recipe log.fit_every: un-augmented train loader, its offsets
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
     recovery: dict[str, Any] | None = None  # a mid-epoch resume point: where and with which RNG to continue
@@ -358,8 +394,13 @@ def build(recipe: R.Recipe, name: str = "run", output: str | None = None, resume
     if proc.primary:  # only after everything that can refuse the input (a batch larger than the data, an optimizer
         run_dir.lock()  # timm cannot make): a bad recipe writes nothing and leaves no lock; train() unlocks
         run_dir.clean_partial()
+    fit_eval = None
+    if r.log.fit_every:  # the training images with their true labels; the flips are applied when counting
+        own = D.shard(splits.train, proc.rank, proc.world)
+        fit_eval = (D.loader(D.View(own.base, own.indices, None, splits.num_classes), r, data_cfg, False, dev),
+                    own.offsets)
     return Run(r, proc, run_dir, splits, tree, model, objective, modules, features, optimizer, scheduler, scaler, ema,
-               autocast, train_loader, evals, log, mixup_for(r, splits.num_classes))
+               autocast, train_loader, evals, log, mixup_for(r, splits.num_classes), fit_eval=fit_eval)
 
 
 def _warn_slow_mean(ema: Any, steps: int, key: str, log: Callable[[str], None]) -> None:
@@ -596,8 +637,9 @@ def _log_epoch(run: Run, row: dict[str, Any]) -> None:
     def accs(m):
         return " ".join(f"{h['top1']:.1f}" for h in m["heads"]) + f" | ens {m['ensemble']['top1']:.1f}"
 
+    evals = f"val top1 {accs(row['val'])}  test top1 {accs(row['test'])}  " if "val" in row else ""
     run.log(f"epoch {row['epoch']}/{run.recipe.epochs} loss {row['train_loss']:.4f} lr {row['lr']:.3g} "
-            f"val top1 {accs(row['val'])}  test top1 {accs(row['test'])}  [{row['time_s']:.0f}s]")
+            f"{evals}[{row['time_s']:.0f}s]")
 
 
 def _checkpoint(run: Run, epoch: int, improved: bool, judged: HeadTree, t0: float) -> None:
@@ -605,10 +647,11 @@ def _checkpoint(run: Run, epoch: int, improved: bool, judged: HeadTree, t0: floa
     rngs = _gather(run, rng_state())
     if not run.proc.primary:
         return
-    summary = _summary(run, finished=epoch + 1 == run.recipe.epochs, wall=time.time() - t0)
+    summary = _summary(run, finished=epoch + 1 == run.recipe.epochs, wall=time.time() - t0) if run.best else None
     if improved:
         run.dir.save_best(judged, summary)
-    if run.recipe.checkpoint_hist > 1:  # this epoch among the N best by its best head's validation top-1
+    if run.recipe.checkpoint_hist > 1 and "val" in run.history[epoch]:  # this epoch among the N best by its best
+        # head's validation top-1
         val = run.history[epoch]["val"]["heads"]
         head = max(range(len(val)), key=lambda h: val[h]["top1"])
         mine = {"epoch": epoch + 1, "head": head, "val_top1": val[head]["top1"]}
@@ -619,7 +662,8 @@ def _checkpoint(run: Run, epoch: int, improved: bool, judged: HeadTree, t0: floa
     run.dir.save_last(run.tree, state, run.ema.module if run.ema is not None else None,
                       _unwrapped(run.modules) if run.modules is not None else None)
     run.dir.drop_recovery()
-    run.dir.write_summary(summary)
+    if summary is not None:  # before the first evaluated epoch (eval_every) there is no best to summarise
+        run.dir.write_summary(summary)
 
 
 def fit(run: Run, stop_after: int | None = None) -> dict[str, Any]:
@@ -652,20 +696,27 @@ def fit(run: Run, stop_after: int | None = None) -> dict[str, Any]:
                 distribute_bn(run.ema.module, proc.world, reduce=True)
         lr = run.optimizer.param_groups[0]["lr"]  # the lr this epoch ended with (before the epoch step)
         judged = run.ema.module if run.ema is not None else run.tree
+        evaluated = (epoch + 1) % r.eval_every == 0 or epoch + 1 == r.epochs
         metrics = {k: evaluate(judged, v, proc.device, run.autocast, r.channels_last, proc.distributed)
-                   for k, v in run.eval_loaders.items()}
+                   for k, v in run.eval_loaders.items()} if evaluated else {}
         if run.scheduler is not None:
-            run.scheduler.step(epoch + 1, max(h["top1"] for h in metrics["val"]["heads"]))
+            run.scheduler.step(epoch + 1, max(h["top1"] for h in metrics["val"]["heads"]) if evaluated else None)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss, "train_top1": fit_, "loss_terms": terms,
-               "time_s": round(time.time() - t0, 2), "val": metrics["val"], "test": metrics["test"]}
+               "time_s": round(time.time() - t0, 2), **metrics}
+        if run.fit_eval is not None and ((epoch + 1) % r.log.fit_every == 0 or epoch + 1 == r.epochs):
+            row["fit"] = evaluate_fit(judged, *run.fit_eval, run.splits.num_classes, proc.device, run.autocast,
+                                      r.channels_last, proc.distributed)
         run.history.append(row)
-        head = max(range(run.tree.num_heads), key=lambda h: metrics["val"]["heads"][h]["top1"])
-        improved = run.best is None or metrics["val"]["heads"][head]["top1"] > run.best["val_top1"]
-        if improved:
-            run.best = {"epoch": epoch + 1, "head": head, "val_top1": metrics["val"]["heads"][head]["top1"]}
+        improved = False
+        if evaluated:
+            head = max(range(run.tree.num_heads), key=lambda h: metrics["val"]["heads"][h]["top1"])
+            improved = run.best is None or metrics["val"]["heads"][head]["top1"] > run.best["val_top1"]
+            if improved:
+                run.best = {"epoch": epoch + 1, "head": head, "val_top1": metrics["val"]["heads"][head]["top1"]}
         if proc.primary:
             run.dir.append_metrics(row)
-            trackers.epoch(row, run.best, train_s=t_train)
+            if evaluated:  # the trackers' rows are evaluated epochs (timm's summary.csv has eval columns)
+                trackers.epoch(row, run.best, train_s=t_train)
         _checkpoint(run, epoch, improved, judged, t0)
         if proc.primary:
             _log_epoch(run, row)
@@ -673,6 +724,9 @@ def fit(run: Run, stop_after: int | None = None) -> dict[str, Any]:
             torch.distributed.barrier()
     if trackers is not None:
         trackers.close()
+    if run.best is None:  # stopped (stop_after) before the first evaluated epoch (eval_every): nothing chosen yet
+        return {"run": str(run.dir), "finished": False, "epochs_done": len(run.history), "epochs": r.epochs,
+                "best_epoch": None, "wall_time_s": round(time.time() - t0, 1)}
     summary = _summary(run, finished=len(run.history) == r.epochs, wall=time.time() - t0)
     if proc.primary and run.history:
         if not run.dir.plot(run.history):
