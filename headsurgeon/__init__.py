@@ -6,6 +6,8 @@ from .errors import HeadsurgeonError
 from .tree import HeadTree, SplitSpec, split
 from .collapse import collapse, export
 from .loss import collaborative_loss
+from .objectives import OBJECTIVES, LossOut, Objective, register
+from .task import CollaborativeTask, evaluate
 
-__all__ = ["HeadTree", "HeadsurgeonError", "SplitSpec", "collaborative_loss", "collapse", "export", "split",
-           "__version__"]
+__all__ = ["OBJECTIVES", "CollaborativeTask", "HeadTree", "HeadsurgeonError", "LossOut", "Objective", "SplitSpec",
+           "collaborative_loss", "collapse", "evaluate", "export", "register", "split", "__version__"]

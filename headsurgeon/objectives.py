@@ -74,11 +74,34 @@ class LossOut:
     distillation term (zero with one head); both unweighted, detached 0-dim tensors (call
     ``.item()`` only when logging, to avoid a device sync per step). ``extra``: other detached
     terms that enter the loss, by name (ONE, PCL: ``teacher_ce``, the CE of their learned teacher).
+    ``logits``: the heads' logits, set by :class:`~headsurgeon.task.CollaborativeTask`.
+
+    Also read as a mapping, as ``timm.task.TrainingTask`` results are: ``out["loss"]``, ``out["output"]``
+    (the heads' mean logits), ``out["hard"]``, ``out["soft"]`` and the ``extra`` names.
     """
     loss: torch.Tensor
     hard: list[torch.Tensor]
     soft: list[torch.Tensor]
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    logits: list[torch.Tensor] | None = None
+
+    def keys(self) -> list[str]:
+        return ["loss", *(["output"] if self.logits else []), "hard", "soft", *self.extra]
+
+    def __getitem__(self, key: str):
+        if key == "output" and self.logits:
+            return torch.stack(self.logits).mean(0)
+        if key in ("loss", "hard", "soft"):
+            return getattr(self, key)
+        if key in self.extra:
+            return self.extra[key]
+        raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+    def get(self, key: str, default=None):
+        return self[key] if key in self else default
 
     def log(self) -> dict:
         """Plain floats for ``metrics.jsonl``: ``{"hard": [...], "soft": [...], **extra}``."""

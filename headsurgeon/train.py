@@ -21,90 +21,26 @@ from . import tracking
 from .errors import HeadsurgeonError, first_line
 from .rundir import EMA_FILE, OBJECTIVE_FILE, RUNS, STATE_FILE, RunDir, latest_run, new_run_path, rng_state, \
     set_rng_state
+from .task import CollaborativeTask, evaluate, evaluate_fit, temporal_mean
 from .tree import HeadTree, split
-from .verify import eval_mode
 
 __all__ = ["train", "evaluate", "evaluate_fit", "train_epoch", "objective_for", "mixup_for", "tree_for", "temporal_mean", "build",
            "restore", "RUNS", "STATE_FILE", "latest_run"]
 
 
 def objective_for(recipe: R.Recipe) -> O.Objective:
-    """The recipe's ``loss.*`` keys as an objective of :mod:`headsurgeon.objectives`."""
+    """The recipe's ``loss.*`` keys as the registered objective ``loss.objective``: every parameter (a
+    dataclass field of the objective) that has a ``loss.<name>`` key takes it; the others keep their
+    defaults, and ``temperature: null`` keeps the objective's own."""
+    from dataclasses import fields
+
     loss, d = recipe.loss, recipe.data
     mixing = d.mixup > 0 or d.cutmix > 0 or d.cutmix_minmax is not None  # Mixup smooths the targets itself
-    params: dict[str, Any] = {"label_smoothing": 0.0 if mixing else loss.label_smoothing}
-    if loss.temperature is not None:
-        params["temperature"] = loss.temperature
-    if loss.objective == "cl":
-        params.update(beta=loss.beta, t2=loss.t2)
-    else:
-        params["ramp"] = loss.ramp
-    if loss.objective == "pcl":
-        params["ema_decay"] = loss.ema_decay
+    keys = loss.model_dump()
+    keys["label_smoothing"] = 0.0 if mixing else loss.label_smoothing
+    params = {f.name: keys[f.name] for f in fields(O.OBJECTIVES[loss.objective])
+              if f.name in keys and keys[f.name] is not None}
     return O.get(loss.objective, **params)
-
-
-def evaluate(tree: HeadTree, loader, device: torch.device, autocast: Callable = contextlib.nullcontext,
-             channels_last: bool = False, distributed: bool = False) -> dict[str, Any]:
-    """Per-head and ensemble (mean of logits) top-1/top-5, exact over the whole split."""
-    from timm.utils import accuracy
-
-    heads = tree.num_heads
-    correct = torch.zeros(heads + 1, 2, dtype=torch.float64, device=device)
-    n = torch.zeros((), dtype=torch.float64, device=device)
-    with eval_mode(tree), torch.no_grad():
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                outs = [o.float() for o in tree(x)]
-            k = min(5, outs[0].shape[1])
-            for i, o in enumerate([*outs, torch.stack(outs).mean(0)]):
-                a1, a5 = accuracy(o, y, topk=(1, k))
-                correct[i] += torch.stack([a1, a5]).to(correct) * len(y) / 100
-            n += len(y)
-    if distributed:
-        torch.distributed.all_reduce(correct)
-        torch.distributed.all_reduce(n)
-    acc = (correct.round() * 100 / n).tolist()  # round: counts are integers, percentages exact
-    per = [{"top1": a[0], "top5": a[1]} for a in acc]
-    return {"heads": per[:heads], "ensemble": per[heads], "n": int(n.item())}
-
-
-def evaluate_fit(tree: HeadTree, loader, offsets: dict[int, int], classes: int, device: torch.device,
-                 autocast: Callable = contextlib.nullcontext, channels_last: bool = False,
-                 distributed: bool = False) -> dict[str, Any]:
-    """How each head fits its training labels: ``loader`` yields the training images un-augmented with
-    their *true* labels, in order; ``offsets`` (sample index -> label offset) are the flipped ones.
-    Top-1 against the noisy labels trained on, against the true labels, and on the flipped samples the
-    share predicted as their noisy label ('memorised'): the memorisation regime of the literature."""
-    heads = tree.num_heads
-    counts = torch.zeros(heads, 3, dtype=torch.float64, device=device)  # noisy hits, true hits, memorised
-    n = torch.zeros(2, dtype=torch.float64, device=device)  # samples, flipped samples
-    flipped = torch.zeros(0, dtype=torch.long)
-    seen = 0
-    with eval_mode(tree), torch.no_grad():
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            idx = range(seen, seen + len(y))
-            off = torch.tensor([offsets.get(i, 0) for i in idx], device=device)
-            noisy, flipped = (y + off) % classes, off != 0
-            with autocast():
-                preds = torch.stack([o.float().argmax(1) for o in tree(x)])
-            counts[:, 0] += (preds == noisy).sum(1)
-            counts[:, 1] += (preds == y).sum(1)
-            counts[:, 2] += ((preds == noisy) & flipped).sum(1)
-            n += torch.tensor([len(y), int(flipped.sum())], dtype=torch.float64, device=device)
-            seen += len(y)
-    if distributed:
-        torch.distributed.all_reduce(counts)
-        torch.distributed.all_reduce(n)
-    pct = lambda c, d: [round(v, 4) for v in (c * 100 / d).tolist()] if d else None  # noqa: E731
-    return {"noisy": pct(counts[:, 0], n[0]), "true": pct(counts[:, 1], n[0]),
-            "memorised": pct(counts[:, 2], n[1]), "n": int(n[0]), "flipped": int(n[1])}
 
 
 # ------------------------------------------------------------------------------- building a run
@@ -128,16 +64,10 @@ class Run:
     proc: Process
     dir: RunDir
     splits: D.Splits
-    tree: HeadTree
-    model: Any  # the tree, compiled and/or DDP-wrapped
-    objective: O.Objective
-    modules: torch.nn.Module | None  # the objective's own (ONE's gate, PCL's peer ensemble); DDP-wrapped under DDP
-    features: dict[str, Any]  # filled by hooks: "fork", the trunk output at the first fork (ONE); 0..H-1, each
-    # head's classifier input (PCL)
+    task: CollaborativeTask  # the tree, its objective, the objective's modules and temporal mean
     optimizer: Any
     scheduler: Any
     scaler: Any
-    ema: Any
     autocast: Callable
     train_loader: Any
     eval_loaders: dict[str, Any]
@@ -150,6 +80,23 @@ class Run:
     start: int = 0
     wall_before: float = 0.0
     t_start: float = 0.0
+
+    @property
+    def tree(self) -> HeadTree:
+        return self.task.tree
+
+    @property
+    def objective(self) -> O.Objective:
+        return self.task.objective
+
+    @property
+    def ema(self) -> Any:  # the temporal mean (recipe ema, or pcl's), or None
+        return self.task.ema
+
+    @property
+    def modules(self) -> torch.nn.Module | None:  # ONE's gate, PCL's peer ensemble (unwrapped), or None
+        m = self.task.objective_modules
+        return getattr(m, "module", m)
 
 
 def _process(device: str = "auto") -> Process:
@@ -241,73 +188,6 @@ def tree_for(recipe: R.Recipe, classes: int) -> HeadTree:
                  input_size=({**kwargs, **(per or [{}])[0]}.get("in_chans", 3), size, size), **kwargs)
 
 
-def _probe(tree: HeadTree, data_cfg: dict[str, Any]) -> None:
-    """One eval-mode forward of a zero batch, so that the feature hooks just registered fill their dict
-    and reveal the feature widths before the objective's modules are built."""
-    p = next(tree.parameters())
-    with eval_mode(tree), torch.no_grad():
-        tree(torch.zeros(1, *data_cfg["input_size"], device=p.device, dtype=p.dtype))
-
-
-def _fork_features(tree: HeadTree, data_cfg: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """Hook the trunk (level 0) so each forward leaves its output at the first fork in a dict, and
-    tell its channel count from a probe batch: what ONE's gate pools. With ``split.at: [input]``
-    the trunk passes the image through, so the gate sees the pooled image."""
-    box: dict[str, Any] = {}
-
-    def first_tensor(values: Any) -> torch.Tensor:
-        for v in values if isinstance(values, (tuple, list)) else (values,):
-            if isinstance(v, torch.Tensor) and v.is_floating_point():
-                return v
-        raise HeadsurgeonError("loss.objective 'one' needs a tensor at the first fork; this tree passes none")
-
-    tree.levels[0][0].register_forward_hook(lambda m, i, out: box.__setitem__("fork", first_tensor(out)))
-    _probe(tree, data_cfg)
-    f = box.pop("fork")
-    return box, int(f.shape[1] if f.ndim == 4 else f.shape[-1])  # NCHW; tokens [B, N, C]; [B, C]
-
-
-def _head_features(tree: HeadTree, data_cfg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-    """Hook every head's classifier (:meth:`HeadTree.classifier`) so each forward leaves its input, the
-    head's pre-logits features, in a dict under the head's index, and tell their widths from a probe
-    batch: what PCL's peer ensemble concatenates. A pre-hook on the classifier reads exactly what
-    timm's ``forward_head(pre_logits=True)`` returns (pooled, normed, after head dropout), which fx
-    segments do not offer."""
-    box: dict[Any, Any] = {}
-    for j in range(tree.num_heads):
-        tree.classifier(j).register_forward_pre_hook(lambda m, args, j=j: box.__setitem__(j, args[0]))
-    _probe(tree, data_cfg)
-    if len(box) != tree.num_heads:
-        raise HeadsurgeonError(f"loss.objective 'pcl' reads each head's classifier input, but the classifier of "
-                               f"{tree.spec.label} ran for {len(box)} of {tree.num_heads} heads; use another "
-                               f"objective")
-    widths = []
-    for j in range(tree.num_heads):
-        f, m = box.pop(j), tree.classifier(j)
-        width = getattr(m, "in_features", None) or getattr(m, "in_channels", None)  # Linear; a 1x1 conv classifier
-        widths.append(int(width or (f.shape[1] if f.ndim in (2, 4) else f.shape[-1])))
-    return box, widths
-
-
-def temporal_mean(tree: HeadTree, objective: O.Objective, decay: float | bool = False) -> Any:
-    """The run's EMA of the tree (timm's ``ModelEmaV3``), or None.
-
-    PCL's temporal mean and the recipe's ``ema`` are one thing, not two: both are an EMA of the
-    tree that is evaluated, chosen on validation and saved in ``best/`` (and in ``last/ema.safetensors``
-    for resuming). PCL needs the same copy also as its peer-mean teacher, with its own decay
-    (``loss.ema_decay``) and the re-implementation's warm-up a = min(1 - 1/(k + 1), decay) at the k-th
-    optimizer step (0-based; ``update_after_step=-1`` makes timm's warm-up 1 - (1 + k)^-1 count from
-    the first step), so the recipe refuses ``ema`` with ``pcl`` rather than keeping two copies.
-    Made before any feature hook is registered: it is a deep copy and would carry the hooks.
-    """
-    from timm.utils import ModelEmaV3
-
-    if objective.needs_mean_logits:
-        return ModelEmaV3(tree, decay=objective.ema_decay, use_warmup=True, warmup_gamma=1.0, warmup_power=1.0,
-                          update_after_step=-1)
-    return ModelEmaV3(tree, decay=decay) if decay else None
-
-
 def build(recipe: R.Recipe, name: str = "run", output: str | None = None, resume: bool = False,
           log: Callable[[str], None] = print) -> Run:
     """Process group, run directory (locked), data, tree, objective, optimizer, schedule, AMP, EMA, DDP."""
@@ -339,50 +219,31 @@ def build(recipe: R.Recipe, name: str = "run", output: str | None = None, resume
 
     spec = tree.spec
     data_cfg = D.data_config(r, spec.pretrained_cfg, spec.model_args.get("in_chans", 3))
-    objective = objective_for(r)
-    ema = temporal_mean(tree, objective, r.ema)  # before the hooks below
-    features: dict[str, Any] = {}
-    modules = None
-    if objective.feature_source is not None and tree.num_heads > 1:
-        if objective.feature_source == "fork":
-            features, channels = _fork_features(tree, data_cfg)
-        elif objective.feature_source == "heads":
-            features, channels = _head_features(tree, data_cfg)
-        else:
-            raise HeadsurgeonError(f"loss.objective '{objective.name}' needs features from "
-                                   f"'{objective.feature_source}', which training does not provide")
-        modules = objective.make_modules(channels, tree.num_heads, splits.num_classes)
-    if modules is not None:
-        modules.to(dev)
+    task = CollaborativeTask(tree, objective_for(r), ema=r.ema, input_size=data_cfg["input_size"])
+    task.to(dev)
 
-    # weight decay skips biases, norms and the model's own no_weight_decay() names (HeadTree maps them)
+    # weight decay skips biases, norms and the model's own no_weight_decay() names (the task maps them); the
+    # objective's gate or ensemble is decayed like the heads (and its biases not, by timm's rule)
     extra_opt = {k: v for k, v in (("eps", r.optim.opt_eps), ("betas", r.optim.opt_betas)) if v is not None}
     if "betas" in extra_opt:
         extra_opt["betas"] = tuple(extra_opt["betas"])
     try:
-        optimizer = create_optimizer_v2(tree, opt=r.optim.opt, lr=r.optim.lr, weight_decay=r.optim.weight_decay,
+        optimizer = create_optimizer_v2(task, opt=r.optim.opt, lr=r.optim.lr, weight_decay=r.optim.weight_decay,
                                         momentum=r.optim.momentum, layer_decay=r.optim.layer_decay, **extra_opt)
     except (ValueError, TypeError, AssertionError, IndexError, KeyError) as e:  # optim.opt_betas=[0.9]: IndexError
         raise HeadsurgeonError(f"optimizer '{r.optim.opt}' cannot be created: {first_line(e)} (check the optim.* keys, "
                                f"e.g. opt_betas: adam-like optimizers take 2; timm.optim.list_optimizers() names "
                                f"the optimizers)") from None
-    if modules is not None:  # the objective's own parameters (ONE's gate, PCL's peer ensemble), decayed like the heads'
-        optimizer.add_param_group({"params": list(modules.parameters())})
-    model: Any = tree
     if r.compile:
-        model = torch.compile(tree, backend=r.compile if isinstance(r.compile, str) else "inductor")
+        task.compile(backend=r.compile if isinstance(r.compile, str) else "inductor")
     if proc.distributed:
-        ddp = torch.nn.parallel.DistributedDataParallel
-        model = ddp(model, device_ids=[dev.index] if cuda else None,
-                    find_unused_parameters=tree.has_unused_parameters)  # weights no node reads
-        if modules is not None:
-            modules = ddp(modules, device_ids=[dev.index] if cuda else None)
+        task.prepare_distributed(device_ids=[dev.index] if cuda else None)
 
     train_loader = D.loader(splits.train, r, data_cfg, True, dev, proc.distributed)
     evals = {k: D.loader(D.shard(getattr(splits, k), proc.rank, proc.world), r, data_cfg, False, dev)
              for k in ("val", "test")}
     if proc.primary:
-        _warn_slow_mean(ema, r.epochs * _updates(len(train_loader), r), "loss.ema_decay" if r.loss.objective == "pcl"
+        _warn_slow_mean(task.ema, r.epochs * _updates(len(train_loader), r), "loss.ema_decay" if r.loss.objective == "pcl"
                         else "ema", log)
     scheduler = None
     if r.sched.sched != "none":
@@ -399,8 +260,8 @@ def build(recipe: R.Recipe, name: str = "run", output: str | None = None, resume
         own = D.shard(splits.train, proc.rank, proc.world)
         fit_eval = (D.loader(D.View(own.base, own.indices, None, splits.num_classes), r, data_cfg, False, dev),
                     own.offsets)
-    return Run(r, proc, run_dir, splits, tree, model, objective, modules, features, optimizer, scheduler, scaler, ema,
-               autocast, train_loader, evals, log, mixup_for(r, splits.num_classes), fit_eval=fit_eval)
+    return Run(r, proc, run_dir, splits, task, optimizer, scheduler, scaler, autocast, train_loader, evals, log,
+               mixup_for(r, splits.num_classes), fit_eval=fit_eval)
 
 
 def _warn_slow_mean(ema: Any, steps: int, key: str, log: Callable[[str], None]) -> None:
@@ -423,10 +284,6 @@ def _updates(batches: int, recipe: R.Recipe) -> int:
     return -(-batches // recipe.optim.grad_accum_steps)
 
 
-def _unwrapped(module: Any) -> Any:
-    return getattr(module, "module", module)
-
-
 def restore(run: Run) -> None:
     """Continue from ``last/``: optimizer, schedule, scaler, EMA, the objective's modules, RNG, history."""
     point, s = run.dir.resume_state()
@@ -444,7 +301,7 @@ def restore(run: Run) -> None:
     if run.ema is not None:
         run.dir.load_into(run.ema.module, point, EMA_FILE, run.proc.device)
     if run.modules is not None:
-        run.dir.load_into(_unwrapped(run.modules), point, OBJECTIVE_FILE, run.proc.device)
+        run.dir.load_into(run.modules, point, OBJECTIVE_FILE, run.proc.device)
     run.start, run.history, run.best, run.wall_before = s["epoch"], s["history"], s["best"], s["wall_time_s"]
     if "step" in s:  # mid-epoch: train_epoch replays the epoch's data order up to the step, then continues
         run.recovery = s
@@ -477,25 +334,21 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, list[float], dict[str, Any
     total = torch.zeros((), device=dev)
     hits = torch.zeros(heads, device=dev)
     terms = torch.zeros(3, heads, device=dev)  # hard, soft, extra (teacher CE, in slot 0)
-    seen = 0
+    seen, has_teacher = 0, False
     rec, run.recovery = run.recovery, None
     if rec is not None:  # the RNG of the epoch's start: the same data order and augmentation draws
         set_rng_state(rec["epoch_rng"][run.proc.rank])
         total, hits, terms = (rec["sums"][k].to(dev) for k in ("total", "hits", "terms"))
         seen = rec["sums"]["seen"]
     epoch_rng = _gather(run, rng_state())
-    run.model.train()
-    if run.modules is not None:
-        run.modules.train()
-    teacher = run.ema.module if run.objective.needs_mean_logits and heads > 1 else None
-    if teacher is not None:  # PCL's temporal mean runs on each batch in train mode, as the re-implementation does
-        teacher.train()
-    run.objective.set_epoch(epoch)
+    task = run.task
+    task.train()  # PCL's temporal mean too: it runs on each batch in train mode, as the re-implementation does
+    task.set_epoch(epoch)
     mixup = run.mixup if run.mixup is not None and (not r.data.mixup_off_epoch or epoch < r.data.mixup_off_epoch) \
         else None
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{r.epochs}", leave=False,
                disable=None if run.proc.primary else True, dynamic_ncols=True)
-    params = [*tree.parameters(), *(run.modules.parameters() if run.modules is not None else ())]
+    params = [p for p in task.parameters() if p.requires_grad]
     clip = r.optim.clip_grad
     for step, (x, y) in enumerate(bar):
         if rec is not None and step < rec["step"]:  # trained before the kill: replay the batch, skip the step
@@ -511,16 +364,11 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, list[float], dict[str, Any
             x, target = mixup(x, y)
         if r.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        sync = contextlib.nullcontext() if last or not run.proc.distributed else _no_sync(run)
+        sync = contextlib.nullcontext() if last or not run.proc.distributed else task.no_sync()
         with sync:
             with run.autocast():
-                outs = run.model(x)
-                mean = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        mean = teacher(x)
-                out = run.objective(outs, target, features=_features(run), modules=run.modules, mean_logits=mean)
-            loss = out.loss
+                out = task(x, target)
+            outs, loss = out.logits, out.loss
             if not torch.isfinite(loss).item():
                 raise HeadsurgeonError(f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1}; stopped, keeping "
                                        f"the last good checkpoint in {run.dir.last} (lower optim.lr, or turn amp off)")
@@ -537,8 +385,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, list[float], dict[str, Any
                         dispatch_clip_grad(params, clip, mode=r.optim.clip_mode)
                     run.optimizer.step()
         if last:
-            if run.ema is not None:
-                run.ema.update(tree, step=epoch * updates + update)
+            task.after_step(step=epoch * updates + update)
             if run.scheduler is not None:
                 run.scheduler.step_update(epoch * updates + update + 1)
         with torch.no_grad():
@@ -548,6 +395,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, list[float], dict[str, Any
             terms[1] += torch.stack(out.soft) * len(y)
             if "teacher_ce" in out.extra:
                 terms[2, 0] += out.extra["teacher_ce"] * len(y)
+                has_teacher = True
             seen += len(y)
         if last and r.recovery_interval and (update + 1) % r.recovery_interval == 0 and step < steps - 1:
             _recovery_point(run, epoch, step + 1, epoch_rng,
@@ -563,19 +411,9 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, list[float], dict[str, Any
     fit = [round(h * 100 / n, 2) for h in stats[2:2 + heads].tolist()]
     t = (stats[2 + heads:].reshape(3, heads) / n).tolist()
     logged = {"objective": run.objective.name, "hard": [round(v, 5) for v in t[0]], "soft": [round(v, 5) for v in t[1]]}
-    if run.objective.name in ("one", "pcl") and heads > 1:
+    if has_teacher:  # the objective reported its learned teacher's CE (ONE, PCL)
         logged["teacher_ce"] = round(t[2][0], 5)
     return stats[0].item() / n, fit, logged
-
-
-def _features(run: Run) -> Any:
-    """What the objective's ``features`` are this step, taken from the hooks' dict (see :func:`build`)."""
-    source = run.objective.feature_source
-    if source is None or run.modules is None:
-        return None
-    if source == "fork":
-        return run.features.pop("fork")
-    return [run.features.pop(j) for j in range(run.tree.num_heads)]
 
 
 def _gather(run: Run, obj: Any) -> list[Any]:
@@ -601,18 +439,7 @@ def _recovery_point(run: Run, epoch: int, step: int, epoch_rng: list[Any], sums:
     state = {"epoch": epoch, "step": step, "epochs": run.recipe.epochs, **_optim_state(run), "rng": rngs,
              "epoch_rng": epoch_rng, "sums": sums, "history": run.history, "best": run.best,
              "wall_time_s": run.wall_before + time.time() - run.t_start}
-    run.dir.save_last(run.tree, state, run.ema.module if run.ema is not None else None,
-                      _unwrapped(run.modules) if run.modules is not None else None, where="recovery")
-
-
-@contextlib.contextmanager
-def _no_sync(run: Run):
-    """DDP: no gradient all-reduce on the micro-batches before a group's last one."""
-    with contextlib.ExitStack() as stack:
-        for m in (run.model, run.modules):
-            if hasattr(m, "no_sync"):
-                stack.enter_context(m.no_sync())
-        yield
+    run.dir.save_last(run.tree, state, run.ema.module if run.ema is not None else None, run.modules, where="recovery")
 
 
 def _summary(run: Run, finished: bool, wall: float, best: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -659,8 +486,7 @@ def _checkpoint(run: Run, epoch: int, improved: bool, judged: HeadTree, t0: floa
                              keep=run.recipe.checkpoint_hist)
     state = {"epoch": epoch + 1, "epochs": run.recipe.epochs, **_optim_state(run), "rng": rngs,
              "history": run.history, "best": run.best, "wall_time_s": time.time() - t0}
-    run.dir.save_last(run.tree, state, run.ema.module if run.ema is not None else None,
-                      _unwrapped(run.modules) if run.modules is not None else None)
+    run.dir.save_last(run.tree, state, run.ema.module if run.ema is not None else None, run.modules)
     run.dir.drop_recovery()
     if summary is not None:  # before the first evaluated epoch (eval_every) there is no best to summarise
         run.dir.write_summary(summary)
@@ -695,7 +521,7 @@ def fit(run: Run, stop_after: int | None = None) -> dict[str, Any]:
             if run.objective.needs_mean_logits:  # PCL's temporal mean updates its own BN stats on each rank's batches
                 distribute_bn(run.ema.module, proc.world, reduce=True)
         lr = run.optimizer.param_groups[0]["lr"]  # the lr this epoch ended with (before the epoch step)
-        judged = run.ema.module if run.ema is not None else run.tree
+        judged = run.task.evaluated_tree
         evaluated = (epoch + 1) % r.eval_every == 0 or epoch + 1 == r.epochs
         metrics = {k: evaluate(judged, v, proc.device, run.autocast, r.channels_last, proc.distributed)
                    for k, v in run.eval_loaders.items()} if evaluated else {}

@@ -152,7 +152,7 @@ def test_one_step_loss_is_pcl_of_the_trees_features_logits_and_temporal_mean(fol
         assert any(not torch.equal(live[k], mean[k]) for k in live if k.endswith("weight"))
         seen = {}
         run.tree.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].clone()))
-        run.objective = Spy(run.objective, seen)
+        run.task.objective = Spy(run.task.objective, seen)
         T.train_epoch(run, 1)
     finally:
         run.dir.unlock()
@@ -203,8 +203,8 @@ def test_head_features_are_each_classifiers_input(folder, tmp_path):  # noqa: F8
     with eval_mode(run.tree), torch.no_grad():
         outs = run.tree(x)
         for j in range(run.tree.num_heads):
-            assert run.features[j].shape == (2, 64)
-            assert torch.equal(run.tree.classifier(j)(run.features[j]), outs[j])
+            assert run.task.features[j].shape == (2, 64)
+            assert torch.equal(run.tree.classifier(j)(run.task.features[j]), outs[j])
         run.ema.module(x)  # the temporal mean is a copy made before the hooks: it leaves nothing there
     assert isinstance(run.modules, O.PeerEnsemble) and run.modules.widths == [64] * 4
     with pytest.raises(HeadsurgeonError, match="head 4 does not exist"):
@@ -223,7 +223,7 @@ def test_heterogeneous_peers_give_their_own_features(folder, tmp_path):  # noqa:
     with eval_mode(run.tree), torch.no_grad():
         outs = run.tree(x)
         for j in range(2):
-            assert torch.equal(run.tree.classifier(j)(run.features[j]), outs[j])
+            assert torch.equal(run.tree.classifier(j)(run.task.features[j]), outs[j])
     loss, _, terms = T.train_epoch(run, 0)
     assert torch.isfinite(torch.tensor(loss)) and len(terms["soft"]) == 2 and terms["teacher_ce"] > 0
 
