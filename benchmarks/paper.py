@@ -93,8 +93,12 @@ ROWS: dict[str, list[str]] = {
     "pcl4": ["split.at=[layer3]", "split.heads=4", "loss.objective=pcl"],
     "pcl4-d99": ["split.at=[layer3]", "split.heads=4", "loss.objective=pcl", "loss.ema_decay=0.99"],
     "heads4": ["split.at=[layer3]", "split.heads=4"],
+    # the long-schedule study (issue 28): Ind separates multi-head training from the consensus term
+    "ind4": ["split.at=[layer3, layer4]", "split.heads=4", "split.fanout=[2, 2]", "loss.beta=1.0"],
+    "dml2": ["split.at=[input]", "split.heads=2", "loss.objective=dml"],
+    "kdcl2": ["split.at=[input]", "split.heads=2", "loss.objective=kdcl"],
 }
-OBJECTIVE_ROWS = ("dml4", "one4", "kdcl4", "pcl4", "pcl4-d99", "heads4")
+OBJECTIVE_ROWS = ("dml4", "one4", "kdcl4", "pcl4", "pcl4-d99", "heads4", "ind4", "dml2", "kdcl2")
 GRID_ROWS = [r for r in ROWS if r not in OBJECTIVE_ROWS]  # the default --rows: the paper's table
 LABELS = {"single": "Single instance", "ls": "Label smoothing (0.05)", "inst2": "2 instances", "inst4": "4 instances",
           "heads2": "2 heads w/ simple ILR sharing", "hier4": "4 heads w/ hierarchical ILR sharing",
@@ -102,7 +106,9 @@ LABELS = {"single": "Single instance", "ls": "Label smoothing (0.05)", "inst2": 
           "one4": "ONE, 4 heads simple sharing", "kdcl4": "KDCL, 4 heads hierarchical",
           "pcl4": "PCL, 4 heads simple sharing (temporal mean)",
           "pcl4-d99": "PCL as pcl4, temporal-mean decay 0.99",
-          "heads4": "4 heads w/ simple ILR sharing (cl on one4's tree)"}
+          "heads4": "4 heads w/ simple ILR sharing (cl on one4's tree)",
+          "ind4": "Ind: hier4's tree, beta = 1 (cross-entropy only, no consensus)",
+          "dml2": "DML, 2 instances", "kdcl2": "KDCL, 2 instances"}
 # the paper's CIFAR-10 ResNet-32 test error (%), its table (0 %) and its noisy-label figure (digitised, approximate)
 PAPER = {"single": {0.0: "6.66 ± 0.21", 0.1: "≈9.2", 0.3: "≈11.4", 0.5: "≈13.7"},
          "ls": {0.0: "6.83 ± 0.14"},
@@ -110,7 +116,8 @@ PAPER = {"single": {0.0: "6.66 ± 0.21", 0.1: "≈9.2", 0.3: "≈11.4", 0.5: "�
          "inst4": {0.0: "6.16 ± 0.17", 0.1: "≈7.2", 0.3: "≈9.2", 0.5: "≈11.45"},
          "heads2": {0.0: "5.97 ± 0.07", 0.1: "≈7.25", 0.3: "≈9.2", 0.5: "≈11.8"},
          "hier4": {0.0: "5.86 ± 0.13", 0.1: "≈7.05", 0.3: "≈9.1", 0.5: "≈11.9"},
-         "hier4-norescale": {}, "dml4": {}, "one4": {}, "kdcl4": {}, "pcl4": {}, "pcl4-d99": {}, "heads4": {}}
+         "hier4-norescale": {}, "dml4": {}, "one4": {}, "kdcl4": {}, "pcl4": {}, "pcl4-d99": {}, "heads4": {},
+         "ind4": {}, "dml2": {}, "kdcl2": {}}
 
 # shared by every row; the per-cell keys (fold, seeds, noise) are added in overrides()
 SETTINGS = {
@@ -493,7 +500,9 @@ def report(cells: list[dict[str, Any]], settings: dict[str, Any]) -> str:
              ("sharing ≥ instances: heads4 vs inst4", "heads4", "inst4"),
              ("one vs cl, simple sharing: one4 vs heads4", "one4", "heads4"),
              ("gain over single: pcl4-d99", "pcl4-d99", "single"),
-             ("pcl decay sized to the budget: pcl4-d99 vs pcl4", "pcl4-d99", "pcl4")]
+             ("pcl decay sized to the budget: pcl4-d99 vs pcl4", "pcl4-d99", "pcl4"),
+             ("gain over single: ind4", "ind4", "single"), ("consensus vs Ind: hier4 vs ind4", "hier4", "ind4"),
+             ("gain over single: dml2", "dml2", "single"), ("gain over single: kdcl2", "kdcl2", "single")]
     for n in noises:
         for name, a, b in tests:
             dep, k = pair(a, b, n, "best", "deployed", "deployed")

@@ -259,14 +259,22 @@ def split_cmd(model: str, at: str, heads: int | None, fanout: str | None, num_cl
 @click.option("--head", type=int, default=None, help="Which head to keep (default: a run's best head, or 0 for a tree directory).")
 @click.option("-o", "--output", default=None, type=click.Path(file_okay=False), help="Output directory (default <name of SOURCE>-head<N> in the current directory).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--leaf-module", "leaf_modules", multiple=True, metavar="MODULE:CLASS",
+              help="A leaf module the tree's spec.json names that may be imported (a spec may otherwise import "
+                   "only modules already loaded, such as timm's); repeat for several.")
+@click.option("--trust-leaf-modules", is_flag=True, help="Import every leaf module the tree's spec.json names "
+              "(importing a module runs its code: only for a tree you trust).")
 @_one_line_errors
-def collapse_cmd(source: str | None, head: int | None, output: str | None, overwrite: bool) -> None:
+def collapse_cmd(source: str | None, head: int | None, output: str | None, overwrite: bool,
+                 leaf_modules: tuple[str, ...], trust_leaf_modules: bool) -> None:
     """Collapse one head of SOURCE into the original timm architecture, verify its logits against
     the tree and write it in timm/Hub format. SOURCE is a tree directory or a training run directory
     (its best checkpoint and best head); without SOURCE, the most recent run under runs/."""
     from .pipeline import collapse_dir
+    from .trace import allow_leaf_modules
 
-    out, head = collapse_dir(source, head, output, overwrite=overwrite, log=click.echo)
+    with allow_leaf_modules(leaf_modules, trust=trust_leaf_modules):
+        out, head = collapse_dir(source, head, output, overwrite=overwrite, log=click.echo)
     click.echo(f"wrote {out} (config.json, model.safetensors, README.md model card); load it with:")
     click.echo(f"  timm.create_model('local-dir:{out.resolve()}', pretrained=True)")
 
@@ -325,11 +333,21 @@ def train_cmd(recipe: str | None, sets: tuple[str, ...], output: str | None, res
     """Train a head tree with collaborative learning as RECIPE (YAML; default: the embedded digits
     recipe) says. Under `torchrun --nproc_per_node N -m headsurgeon train ...` it trains with DDP."""
     from . import recipe as R
+    from .trace import allow_leaf_modules
     from .train import train
 
     flat, _ = R.load(recipe, sets)
     name = Path(recipe).stem if recipe else "digits"
-    s = train(flat, name=name, output=output, resume=resume, stop_after=stop_after, log=click.echo)
+    with allow_leaf_modules(flat.split.leaf_modules):  # the recipe names them: its tree: and --resume may import them
+        try:
+            s = train(flat, name=name, output=output, resume=resume, stop_after=stop_after, log=click.echo)
+        except HeadsurgeonError as e:  # --resume of a finished run: done, not an error (a job script's rerun)
+            if not (resume and " already finished its " in str(e)):
+                raise
+            if int(os.environ.get("RANK", "0")) == 0:
+                click.echo(f"{e}: nothing to train; to train it longer, resume it with a larger epochs "
+                           f"(e.g. --set epochs={2 * flat.epochs})")
+            return
     if int(os.environ.get("RANK", "0")) == 0:
         b = s["heads"][s["best_head"]]
         state = "finished" if s["finished"] else f"stopped after epoch {s['epochs_done']}/{s['epochs']} (continue with --resume)"
@@ -358,14 +376,20 @@ def recipe_cmd(recipe: str | None, sets: tuple[str, ...], schema: bool, output: 
 
     if schema and (check_tree or recipe or sets):
         raise HeadsurgeonError("--schema prints the schema of every recipe; leave out RECIPE, --set and --check")
+    if output:
+        from .storage import check_file_output
+
+        check_file_output(output)  # a FIFO, device or folder: one line, before the work (write_text checks again)
     if schema:
         text = R.schema_text()
     else:
         flat = R.load(recipe, sets)[0]
         if check_tree:
+            from .trace import allow_leaf_modules
             from .train import check
 
-            tree = check(flat)
+            with allow_leaf_modules(flat.split.leaf_modules):  # a recipe's tree: may use the leaf modules it names
+                tree = check(flat)
             click.echo(f"checked: {tree.spec.label} split at {','.join(tree.spec.at) or 'nothing'} into "
                        f"{tree.num_heads} heads, cut verified against the eager model", err=True)
         text = yaml.safe_dump(flat.nested(), sort_keys=False)

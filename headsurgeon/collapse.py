@@ -38,7 +38,8 @@ def export(model: nn.Module, directory: str | os.PathLike, label_names: Sequence
            overwrite: bool = False, verify: bool = True,
            card: str | Callable[[Path], str] | None = None,
            data_config: dict[str, Any] | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` with timm's ``save_for_hf``.
+    """Write ``config.json`` + ``model.safetensors`` with timm's ``save_for_hf`` (``num_classes`` top-level
+    only, see :func:`hub_config`).
 
     ``timm.create_model('local-dir:DIR', pretrained=True)`` rebuilds the model in a process that
     never imports headsurgeon; that reload is checked against ``model`` before the directory
@@ -62,6 +63,9 @@ def export(model: nn.Module, directory: str | os.PathLike, label_names: Sequence
     from timm.models import save_for_hf
 
     directory = Path(directory)
+    if isinstance(label_names, (str, bytes)):  # list("cat") would be three classes 'c', 'a', 't'
+        raise HeadsurgeonError(f"label_names is the string {label_names!r}; give one name per class, e.g. "
+                               f"label_names=['cat', 'dog']")
     model_config = {"label_names": list(label_names)} if label_names else None
     own = getattr(model, "pretrained_cfg", None)
     with atomic_dir(directory, overwrite) as tmp:
@@ -72,6 +76,7 @@ def export(model: nn.Module, directory: str | os.PathLike, label_names: Sequence
         finally:
             if data_config:
                 model.pretrained_cfg = model.default_cfg = own
+        hub_config(tmp / "config.json")
         if data_config:
             check_data_config(tmp, data_config)
         if verify:
@@ -79,6 +84,27 @@ def export(model: nn.Module, directory: str | os.PathLike, label_names: Sequence
         if card is not None:
             (tmp / "README.md").write_text(card(tmp) if callable(card) else card, encoding="utf-8")
     return directory
+
+
+def hub_config(path: Path) -> None:
+    """Keep ``num_classes`` top-level only, as the Hub's timm configs do.
+
+    timm >= 1.0.31 also writes it into ``model_args``, and transformers (the Hub's loader for timm
+    models) calls ``create_model(arch, num_classes=num_labels, **model_args)``: a TypeError.
+    timm itself reads the top-level value (into ``pretrained_cfg``), so the reload is unchanged.
+    """
+    cfg = json.loads(path.read_text())
+    args = cfg.get("model_args")
+    if not isinstance(args, dict) or "num_classes" not in args:
+        return
+    if args["num_classes"] != cfg.get("num_classes"):
+        raise HeadsurgeonError(f"timm {timm.__version__} wrote config.json with num_classes {cfg.get('num_classes')} "
+                               f"but model_args num_classes {args['num_classes']}; please report this")
+    del args["num_classes"]
+    if not args:
+        del cfg["model_args"]
+    with path.open("w") as f:
+        json.dump(cfg, f, indent=2)  # as save_for_hf writes it
 
 
 def with_data_config(pretrained_cfg: dict[str, Any], data_config: dict[str, Any]) -> dict[str, Any]:

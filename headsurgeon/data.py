@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import warnings
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
@@ -149,6 +150,90 @@ class FashionMNIST(_GreyImages):
         self.transform = None
 
 
+# PIL's modes of 16-bit (and 32-bit integer) grey images: converting them to 'L' or 'RGB' clips every value
+# above 255 to white, so they are scaled to 8 bits first. 'I' is read as 16-bit (0..65535), as PIL reads
+# 16-bit PNGs in some versions.
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_8bit(img: Any) -> Any:
+    """A 16-bit grey PIL image as an 8-bit 'L' one (0..65535 -> 0..255, rounded); any other image unchanged."""
+    if getattr(img, "mode", None) not in WIDE_MODES:
+        return img
+    from PIL import Image
+
+    a = np.asarray(img).astype(np.float64)
+    return Image.fromarray((a / 257.0).round().clip(0, 255).astype(np.uint8), mode="L")
+
+
+class BadImage(HeadsurgeonError):
+    """An image file of a folder dataset that cannot be decoded. torch's DataLoader re-raises an exception
+    of a worker process as ``type(e)(<its whole traceback>)``: this keeps the one line it started as."""
+
+    def __init__(self, message: str = ""):
+        if "Original Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
+
+
+class _Images(Dataset):
+    """timm's ``ImageDataset`` read strictly: a file that cannot be decoded (empty, truncated, not an image,
+    unreadable) or a decompression bomb is an error naming it, where timm logs one warning and silently
+    serves the next sample instead (a wrong image under the broken one's label). 16-bit images are scaled
+    to 8 bits (:func:`to_8bit`) before timm's conversion to its ``input_img_mode`` would clip them."""
+
+    def __init__(self, ds: Any):
+        self.ds = ds
+
+    def __getattr__(self, name: str) -> Any:  # reader, filename(s), class_to_idx ...: the wrapped dataset's
+        if name == "ds":
+            raise AttributeError(name)
+        return getattr(self.ds, name)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def _name(self, i: int) -> str:
+        try:
+            return str(self.ds.filename(i, absolute=True))
+        except Exception:  # a reader without file names
+            return f"sample {i}"
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                f, target = self.ds.reader[i][:2]
+                try:
+                    img = Image.open(f)
+                    img.load()
+                finally:
+                    if hasattr(f, "close"):
+                        f.close()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise BadImage(f"image '{self._name(i)}' is too large for PIL ({first_line(e)}); it may be a "
+                           f"decompression bomb: remove it (or shrink it below Image.MAX_IMAGE_PIXELS = "
+                           f"{Image.MAX_IMAGE_PIXELS:,} pixels), then run again") from None
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError ... for a file it cannot decode
+            path = self._name(i)
+            try:
+                empty = os.path.getsize(path) == 0
+            except OSError:
+                empty = False
+            why = ("an empty file" if empty else "not an image PIL can identify" if isinstance(e, UnidentifiedImageError)
+                   else f"{type(e).__name__}: {first_line(e, 120)}")
+            raise BadImage(f"image '{path}' cannot be read ({why}): an empty, truncated or broken file, or not an "
+                           f"image; remove it (rm '{path}') or replace it, then run again") from None
+        img = to_8bit(img)
+        mode = getattr(self.ds, "input_img_mode", "RGB")
+        if mode and img.mode != mode:
+            img = img.convert(mode)
+        return img, (-1 if target is None else target)
+
+
 class View(Dataset):
     """A subset of a dataset with its own transform and optional label noise.
 
@@ -172,6 +257,7 @@ class View(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         img, target = self.base[self.indices[i]]
+        img = to_8bit(img)  # a 16-bit image converted as it is would be clipped to white
         if self.mode and getattr(img, "mode", self.mode) != self.mode:
             img = img.convert(self.mode)
         if i in self.offsets:
@@ -192,7 +278,8 @@ class Splits:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
-def _base(name: str, root: str | None, split: str, download: bool, folds: int | None = None, fold: int = 0) -> Dataset:
+def _base(name: str, root: str | None, split: str, download: bool, folds: int | None = None, fold: int = 0,
+          key: str = "data.train_split") -> Dataset:
     if name == "digits":
         return Digits(split, folds, fold)
     if name == FASHION_MNIST:
@@ -202,6 +289,8 @@ def _base(name: str, root: str | None, split: str, download: bool, folds: int | 
     if root and not os.path.exists(root) and not download:
         raise HeadsurgeonError(f"dataset root '{root}' does not exist; point data.root at the data "
                                f"(or --set data.download=true for torch/... and hfds/... datasets)")
+    if name == "folder" and root and os.path.isdir(root):
+        _check_split_folder(root, split, key)
     try:
         ds = create_dataset(name, root=root, split=split, download=download, is_training=False)
     except Exception as e:  # timm/torchvision/datasets raise many types; one line is enough here
@@ -212,7 +301,27 @@ def _base(name: str, root: str | None, split: str, download: bool, folds: int | 
     if len(ds) == 0:
         raise HeadsurgeonError(f"dataset '{name}' split '{split}' at '{root}' has no samples")
     _check_folder(ds)
-    return ds
+    from timm.data import ImageDataset
+
+    return _Images(ds) if isinstance(ds, ImageDataset) else ds
+
+
+def _check_split_folder(root: str, split: str, key: str) -> None:
+    """An image folder's split is the sub-folder ``<root>/<split>`` (or one of timm's synonyms: val, valid,
+    eval, ...). Without one timm reads ``root`` itself as the split: the other splits' folders become classes,
+    or, for a root of class folders, training and test are the same images."""
+    try:
+        from timm.data.dataset_factory import _search_split
+    except ImportError:  # pragma: no cover (a timm without it)
+        def _search_split(r: str, s: str) -> str:
+            return os.path.join(r, s) if os.path.exists(os.path.join(r, s)) else r
+    if os.path.normpath(_search_split(root, split)) != os.path.normpath(root):
+        return
+    subs = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    has = f"its sub-folders are {', '.join(subs[:4])}{', ...' if len(subs) > 4 else ''}" if subs else "it has no sub-folders"
+    raise HeadsurgeonError(f"image folder '{root}' has no '{split}' split folder ({key} '{split}'; {has}); data.root "
+                           f"must hold <split>/<class>/<image>: add '{os.path.join(root, split)}' or set {key} to "
+                           f"the split folder's name")
 
 
 def _check_folder(ds: Dataset) -> None:
@@ -289,17 +398,37 @@ def splits(recipe: "Recipe") -> Splits:
                                + (f" ('{te}' is the test split)" if tr == te else "; its training split is 'train'")
                                + "; validation is carved from the training split")
     train_base = _base(name, root, tr, dl, *folds)
-    test_base = _base(name, root, te, dl, *folds)
-    found = _num_classes(train_base)
+    test_base = _base(name, root, te, dl, *folds, key="data.test_split")
+    for base, s in ((train_base, tr), (test_base, te)):  # an empty test split would be evaluated as 0/0: NaN accuracy
+        if len(base) == 0:
+            raise HeadsurgeonError(f"the '{s}' split of '{name}'" + (f" at '{root}'" if root else "") + " has no "
+                                   "samples; its accuracy would be 0/0: give a dataset with images in every split")
+    listed = _num_classes(train_base)  # the classes the dataset lists (class folders, torchvision's classes)
+    found = listed
     targets = getattr(train_base, "targets", None)
     found = max(found or 0, (max(int(t) for t in targets) + 1) if targets is not None and len(targets) else 0) or None
     given = recipe.data.num_classes
     if given and found and given < found:
         raise HeadsurgeonError(f"data.num_classes is {given} but '{name}' has {found} classes (labels 0..{found - 1}); "
                                f"set data.num_classes: {found} or leave it out")
+    if given and listed and given > listed:  # outputs no label reaches; symmetric noise would flip labels into them
+        raise HeadsurgeonError(f"data.num_classes is {given} but '{name}' lists {listed} class{'es' * (listed != 1)}"
+                               + (f" ({', '.join(label_names(train_base)[:5])}{', ...' if listed > 5 else ''})"
+                                  if label_names(train_base) else "")
+                               + f": {given - listed} outputs would never see a label and label noise would flip "
+                               f"labels into them; set data.num_classes: {listed} or leave it out")
+    if given and found and given > found:  # no class list, only the labels: the highest may be absent from train
+        warnings.warn(f"data.num_classes is {given} but the labels of '{name}' ('{tr}') go up to {found - 1}; "
+                      f"outputs {found}..{given - 1} never see a training label")
     classes = given or found
     if not classes:
         raise HeadsurgeonError(f"cannot tell how many classes '{name}' has; set data.num_classes")
+    if classes < 2:
+        names = label_names(train_base)
+        raise HeadsurgeonError(f"'{name}' has {classes} class" + (f" ({names[0]})" if names else "")
+                               + (f" in '{root}'" if root else "") + "; a classifier needs at least 2"
+                               + (" (an image folder: one sub-folder per class in each split)" if name == "folder"
+                                  else ""))
     a, b = label_names(train_base), label_names(test_base)
     if a and b and a != b:  # image folders index classes per split, by the sub-folders each one has
         missing = sorted(set(a) ^ set(b))[:3]

@@ -25,6 +25,7 @@ from .errors import HeadsurgeonError, first_line
 from .storage import human, sha256_file
 
 DEFAULT_MESSAGE = "Upload model collapsed by headsurgeon"
+WRITTEN = (*VERIFIED_FILES, CARD_FILE)  # every file `headsurgeon collapse` (export + its card) writes
 
 
 @dataclass
@@ -103,17 +104,48 @@ def _ref_problem(ref: str) -> str | None:
 
 
 def _list_files(folder: Path) -> list[str]:
-    """Every regular file under ``folder`` except hidden ones (``.git``, ``.cache``, editor files)."""
+    """Every regular file under ``folder`` except hidden ones (``.git``, ``.cache``, editor files).
+
+    A symbolic link (to a file or a folder) is refused, with or without ``--force``: huggingface_hub
+    uploads what a link points to, which can be outside the folder (a link to the Hugging Face token
+    file would publish the token). So is anything else that is not a regular file or folder (a FIFO,
+    socket or device): ``collapse`` writes none. Folders are walked without following links.
+    """
     out = []
-    for p in sorted(folder.rglob("*")):
-        rel = p.relative_to(folder)
-        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
-            out.append(rel.as_posix())
-    return out
+
+    def walk(d: Path) -> None:
+        with os.scandir(d) as entries:
+            for e in sorted(entries, key=lambda e: e.name):
+                if e.name.startswith("."):
+                    continue
+                path = Path(e.path)
+                if e.is_symlink():
+                    raise HeadsurgeonError(f"'{path}' is a symbolic link; push uploads only the files `headsurgeon "
+                                           f"collapse` wrote, never what a link points to: replace it with the file "
+                                           f"itself or remove it")
+                if e.is_dir(follow_symlinks=False):
+                    walk(path)
+                elif e.is_file(follow_symlinks=False):
+                    out.append(path.relative_to(folder).as_posix())
+                else:
+                    raise HeadsurgeonError(f"'{path}' is not a regular file (a FIFO, socket or device), which "
+                                           f"`headsurgeon collapse` never writes; remove it")
+
+    try:
+        walk(folder)
+    except OSError as e:
+        raise HeadsurgeonError(f"cannot read '{folder}' ({e.strerror or e}); give the output of `headsurgeon "
+                               f"collapse`") from None
+    return sorted(out)
 
 
 def verify(folder: Path) -> str | None:
-    """None if ``folder`` is exactly what ``collapse`` wrote, else the reason it is not."""
+    """None if ``folder`` is exactly what ``collapse`` wrote, else the reason it is not.
+    Raises for a symbolic link or a non-regular file in it (:func:`_list_files`)."""
+    extra = [f for f in _list_files(folder) if f not in WRITTEN]
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        return f"it holds {extra[0]}{more}, which `headsurgeon collapse` does not write; remove it"
     card_path = folder / CARD_FILE
     if not card_path.is_file():
         return f"it has no {CARD_FILE} model card"
@@ -165,6 +197,8 @@ def operations(p: Plan) -> list:
     the card from memory as it reads under the repo."""
     from huggingface_hub import CommitOperationAdd
 
+    if _list_files(p.folder) != p.files:  # once more just before the upload: a link swapped in since plan()
+        raise HeadsurgeonError(f"'{p.folder}' changed since it was checked; run push again")
     return [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=p.card.encode("utf-8"))
             if rel == CARD_FILE and p.card is not None else
             CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(p.folder / rel)) for rel in p.files]

@@ -61,6 +61,13 @@ def model_from_spec(spec: SplitSpec, head: int = 0) -> nn.Module:
     """A fresh ``timm.create_model(architecture, **model_args)`` of head ``head``'s model (``spec.peer(head)``:
     the same for every head unless the tree has heterogeneous peers), carrying its ``pretrained_cfg``."""
     peer = spec.peer(head)
+    # a spec may come from anyone: it names a registered architecture (split records one), never a source
+    # that makes timm read or download something (hf-hub:, local-dir:, checkpoint_path, a pretrained_cfg overlay)
+    where = set(peer.model_args) & set(CREATE_ONLY)
+    if ":" in peer.architecture or where:
+        what = f"model_args {sorted(where)}" if where else f"architecture '{peer.architecture}'"
+        raise HeadsurgeonError(f"the tree's spec names {what}, which `headsurgeon split` never writes (a spec names "
+                               f"a registered timm architecture and its kwargs); re-create the tree")
     model = create(peer.architecture, dict(peer.model_args))
     if peer.pretrained_cfg:
         model.pretrained_cfg = model.default_cfg = dict(peer.pretrained_cfg)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .errors import HeadsurgeonError
 
-__all__ = ["OBJECTIVES", "CL", "DML", "KDCL", "LossOut", "ONE", "Objective", "OneGate", "PCL", "PeerEnsemble", "get",
+__all__ = ["BUILTIN", "OBJECTIVES", "CL", "DML", "KDCL", "LossOut", "ONE", "Objective", "OneGate", "PCL", "PeerEnsemble", "get",
            "register"]
 
 OBJECTIVES: dict[str, type["Objective"]] = {}
@@ -545,3 +545,7 @@ class PCL(Objective):
                 for i, z in enumerate(logits)]
         loss = teacher_ce + sum(h + w * s for h, s in zip(hard, soft))
         return LossOut(loss, _detached(hard), _detached(soft), {"teacher_ce": teacher_ce.detach()})
+
+
+#: the objectives headsurgeon ships (the recipe JSON schema's enum; OBJECTIVES also holds any registered later)
+BUILTIN: tuple[str, ...] = tuple(sorted(OBJECTIVES))

@@ -28,8 +28,8 @@ def collapse_dir(source: str | Path | None, head: int | None, output: str | Path
     from .card import card_writer
     from .collapse import export
     from .data import eval_config
-    from .rundir import BEST, RunDir
-    from .storage import check_output
+    from .rundir import BEST, HISTORY, RECORD_FILE, RunDir
+    from .storage import check_not_link, check_output, check_path_name
     from .tree import SPEC_FILE, HeadTree, SplitSpec
 
     if source is None:
@@ -65,20 +65,35 @@ def collapse_dir(source: str | Path | None, head: int | None, output: str | Path
                 f"test top-1 {h['test_top1']:.2f}%, epoch {run['best_epoch']})")
     head = 0 if head is None else head
     out = Path(output or f"{src.name}-head{head}")
+    check_path_name(out)  # before resolve(): a name the file system refuses raises ENAMETOOLONG there
     if src.resolve() == out.resolve() or out.resolve() in src.resolve().parents:
         raise HeadsurgeonError(f"-o '{out}' is the folder collapse reads from (or holds it): writing the export "
                                f"there would delete {'the run' if is_run else 'the tree'}; choose another -o")
+    check_output_place(out)
+    check_not_link(out)
     check_output(out, overwrite)  # before the work: a bad -o is one line, not the end of a long collapse
     tree = HeadTree.load(tree_dir)
     if is_run and _stamp(tree_dir) != seen:
-        raise HeadsurgeonError(f"'{tree_dir}' was replaced while it was read (the run is still training); "
-                               f"run collapse again")
+        raise HeadsurgeonError(f"'{tree_dir}' was replaced while it was read (the run is still training and "
+                               f"wrote a better checkpoint); run collapse again")
     model = tree.collapse(head)
     if recipe is not None:  # the run's own evaluation; a bare tree keeps its model's pretrained_cfg
         data_cfg = eval_config(recipe, tree.spec.pretrained_cfg, tree.spec.model_args.get("in_chans", 3))
+    # what the run was trained with (runs older than the record: recipe.yaml); a run's history/epoch-NNN/ is its run's
+    recorded = rd.data_config() if is_run else RunDir(src.parent.parent).data_config() \
+        if src.parent.name == HISTORY and (src / RECORD_FILE).is_file() else None
+    card_recipe = recipe.nested() if recipe else None
+    if recorded is not None:
+        if data_cfg is not None and data_cfg != recorded:
+            changed = ", ".join(f"{k} {data_cfg[k]} (trained with {recorded[k]})" for k in recorded
+                                if data_cfg.get(k) != recorded[k])
+            log(f"note: {src / 'recipe.yaml'} was edited after training ({changed}); the export carries the "
+                f"preprocessing the run was trained with ({src / 'data_config.json'})")
+            card_recipe["data"]["img_size"] = recorded["input_size"][1]
+        data_cfg = recorded
     names = (run or {}).get("label_names")
     export(model, out, label_names=names, overwrite=overwrite, data_config=data_cfg,
-           card=card_writer(tree.spec, head, summary=run, recipe=recipe.nested() if recipe else None,
+           card=card_writer(tree.spec, head, summary=run, recipe=card_recipe,
                             label_names=names, num_params=sum(p.numel() for p in model.parameters())))
     peer = tree.spec.peer(head)
     log(f"head {head} of {src} -> {peer.architecture} with {peer.model_args}; "
@@ -88,9 +103,43 @@ def collapse_dir(source: str | Path | None, head: int | None, output: str | Path
 
 
 def _stamp(directory: Path) -> tuple[int, ...]:
-    """Identity of a checkpoint directory: a live run replaces ``best/`` by renaming a new one into place."""
-    st = directory.stat()
-    return st.st_ino, st.st_mtime_ns
+    """Identity of a checkpoint directory: a live run replaces ``best/`` by renaming a new one into place
+    (a new inode), and its weights file with it. Not the folder's mtime, which any file made and removed
+    in it changes (the writability probe of a -o inside it)."""
+    from .tree import WEIGHTS_FILE
+
+    st, w = directory.stat(), (directory / WEIGHTS_FILE).stat()
+    return st.st_dev, st.st_ino, w.st_ino, w.st_size, w.st_mtime_ns
+
+
+def _run_or_tree(d: Path) -> str | None:
+    """What ``d`` is, if it is a folder headsurgeon reads: "training run" or "head tree"."""
+    from .rundir import BEST, LAST, LOCK_FILE, METRICS_FILE, RECIPE_FILE, RECOVERY, STATE_FILE, SUMMARY_FILE
+    from .tree import SPEC_FILE
+
+    if (d / SPEC_FILE).is_file():
+        return "head tree"
+    has = {f for f in (LOCK_FILE, SUMMARY_FILE, METRICS_FILE, RECIPE_FILE) if (d / f).is_file()}
+    # a checkpoint, or two of a run's files (one alone is too common a name: pytest's base folder holds a .lock)
+    if len(has) >= 2 or any((d / c / f).is_file() for c in (BEST, LAST, RECOVERY) for f in (SPEC_FILE, STATE_FILE)):
+        return "training run"
+    return None
+
+
+def check_output_place(out: Path) -> None:
+    """Refuse an export folder that is a run or tree folder or lies inside one (``-o RUN/last
+    --overwrite`` would delete the run's resume checkpoint, ``-o RUN/best/x`` would write into the
+    checkpoint collapse reads). The outermost such folder is named: a run's ``last/`` is a tree too."""
+    found = None
+    for d in (out.resolve(), *out.resolve().parents):
+        kind = _run_or_tree(d) if d.is_dir() else None
+        if kind is not None:
+            found = (d, kind)
+    if found is not None:
+        d, kind = found
+        where = "is" if d == out.resolve() else "is inside"
+        raise HeadsurgeonError(f"-o '{out}' {where} the {kind} '{d}': the export would replace or mix with its files "
+                               f"(--overwrite would delete them); choose a -o outside it")
 
 
 BEST_KEYS = ("best_epoch", "best_head", "heads", "ensemble")  # what a summary says about the best checkpoint

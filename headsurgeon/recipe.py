@@ -31,13 +31,70 @@ RESUME_FREE = ("output", "data.workers", "data.download", "data.root", "log.tens
 EMA_DEFAULT = 0.9998
 
 
+# What a recipe may hold once its aliases are expanded: the largest recipe has a few hundred values. An alias
+# names a node, so ``b: [*a, *a, ...]`` nests copies: 9 levels of 9 aliases (a "billion laughs" of 560 bytes)
+# expand to 9^9 values, which validation and error messages then walk (hours, or all the memory).
+YAML_VALUES_MAX = 100_000
+YAML_DEPTH_MAX = 100
+
+
+def _bound(root: yaml.Node) -> None:
+    """Refuse a document that expands (through its aliases) to more than ``YAML_VALUES_MAX`` values, or
+    that contains itself (a recursive alias, ``a: &x [*x]``). Counted on the composed node graph, each
+    node once (linear in the text), before anything is constructed, validated or printed."""
+    size: dict[int, int] = {}
+    entered: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        kids = [n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode) else \
+            node.value if isinstance(node, yaml.SequenceNode) else []
+        if done:
+            size[id(node)] = 1 + sum(size[id(k)] for k in kids)
+            entered.discard(id(node))
+            if size[id(node)] > YAML_VALUES_MAX:
+                raise yaml.composer.ComposerError(
+                    None, None, f"its aliases (*name) expand to more than {YAML_VALUES_MAX:,} values, more than any "
+                    f"recipe holds (a YAML alias bomb?); write the values out", node.start_mark)
+            continue
+        if id(node) in size:
+            continue
+        entered.add(id(node))
+        stack.append((node, True))
+        for k in kids:
+            if id(k) in entered:
+                raise yaml.composer.ComposerError(
+                    None, None, "a recursive alias: a value contains itself (an alias *name inside the value "
+                    "that &name marks); a recipe value must be finite", k.start_mark)
+            if id(k) not in size:
+                stack.append((k, False))
+
+
 class _Loader(yaml.SafeLoader):
     """YAML as people write recipes: ``1e-6`` is a number (PyYAML's YAML 1.1 reads it as a string), and a
-    key given twice in one mapping is an error (PyYAML keeps the last silently)."""
+    key given twice in one mapping is an error (PyYAML keeps the last silently). Aliases are bounded
+    (:func:`_bound`); a list or mapping used as a key is an error."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        _bound(node)
+        return node
+
+    def fetch_flow_collection_start(self, TokenClass):
+        # PyYAML's scanner revisits every open [ or { at each token: 5,000 nested brackets (10 kB) take
+        # seconds, 50,000 hours. Recipes nest a few levels.
+        if self.flow_level >= YAML_DEPTH_MAX:
+            raise yaml.scanner.ScannerError(None, None, f"values nested more than {YAML_DEPTH_MAX} levels deep",
+                                            self.get_mark())
+        super().fetch_flow_collection_start(TokenClass)
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if isinstance(key_node, (yaml.MappingNode, yaml.SequenceNode)):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a {'mapping' if isinstance(key_node, yaml.MappingNode) else 'list'} is used as a "
+                    f"key; recipe keys are names (epochs, data: {{batch_size: 32}})", key_node.start_mark)
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice", key_node.start_mark)
@@ -51,7 +108,10 @@ _Loader.add_implicit_resolver(
 
 
 def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except RecursionError:  # PyYAML composes nested values recursively
+        raise yaml.YAMLError("values nested too deeply (more than Python's recursion limit)") from None
 
 
 def _csv(value: Any) -> Any:
@@ -64,6 +124,12 @@ def _peer_list(value: Any) -> Any:
     return [p.strip() for p in value.split(",")] if isinstance(value, str) and "," in value else value
 
 
+# Bounds of what numpy, torch and the file system take, checked here rather than deep inside them.
+SEED_MAX = 2**32 - 1  # numpy's seeds are uint32 (np.random.seed(2**32) is a ValueError inside timm's random_seed)
+IMG_SIZE_MAX = 4096  # 4x the largest input of any timm pretrained model (1024): a probe of 2 images at 100,000 px is 240 GB
+HEADS_MAX = 256  # trees in the literature have 2-8 heads; each head is a copy of its branch (weights, grads, optimizer state)
+STEP_BYTES_MAX = 2**40  # 1 TiB: more than one machine holds (the estimate of one step's activations below)
+
 Prob = Annotated[float, Field(ge=0, le=1)]
 Pair = Annotated[list[float], Field(min_length=2, max_length=2)]
 Stats = Annotated[list[float], Field(min_length=1)]
@@ -71,13 +137,15 @@ Stats = Annotated[list[float], Field(min_length=1)]
 
 class _Section(BaseModel):
     # strict: no silent coercion (a YAML bool is not an int); frozen: a run's recipe does not change
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, protected_namespaces=(), validate_default=True)
+    # allow_inf_nan=False: no NaN or infinity in any float key (lr: .inf, scale: [.nan, 1] reach timm and torch otherwise)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, protected_namespaces=(), validate_default=True,
+                              allow_inf_nan=False)
 
 
 class SplitCfg(_Section):
     at: Annotated[list[str], BeforeValidator(_csv)] = Field(["layer3", "layer4"],
                                                              description="split points in forward order")
-    heads: int = Field(4, ge=1, description="number of heads")
+    heads: int = Field(4, ge=1, le=HEADS_MAX, description="number of heads")
     fanout: list[Annotated[int, Field(ge=1)]] | None = Field(None, description="children per fork at each split point")
     rescale: bool = Field(True, description="gradient rescaling at forks")
     branch_init: Literal["independent", "copy"] | None = Field(None, description="branch initialisation")
@@ -100,7 +168,7 @@ class DataCfg(_Section):
     train_split: str = Field("train", description="split to train on (validation is carved from it)")
     test_split: str = Field("validation", description="held-out split for test accuracy")
     num_classes: int | None = Field(None, ge=2, description="classes (default: from the dataset)")
-    img_size: int = Field(32, ge=8, description="training/eval image size")
+    img_size: int = Field(32, ge=8, le=IMG_SIZE_MAX, description="training/eval image size")
     folds: int | None = Field(None, ge=2, description="digits only: k of a fixed, class-stratified k-fold partition of "
                               "all 1,797 images (fold data.fold is the test split, the other folds the train split); "
                               "null: the fixed 360-image test split")
@@ -108,11 +176,11 @@ class DataCfg(_Section):
     val_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of train held out for validation")
     train_fraction: float = Field(1.0, gt=0, le=1, description="fraction of the rest of train (after the validation "
                                   "carve, chosen with data.split_seed) that is trained on: a smaller labelled set")
-    split_seed: int = Field(0, ge=0, description="seed of the train/validation carve")
+    split_seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the train/validation carve")
     stratify: bool = Field(False, description="carve validation and the data.train_fraction subset class by class (the "
                            "train split's class proportions); needs a dataset that lists its labels")
     label_noise: float = Field(0.0, ge=0, lt=1, description="symmetric label-noise fraction on train")
-    noise_seed: int = Field(0, ge=0, description="seed of the label noise")
+    noise_seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the label noise")
     val_noise: bool = Field(False, description="the validation split's labels carry the same symmetric noise "
                             "(data.label_noise, its own draw from data.noise_seed): early stopping and head choice as a "
                             "user whose held-out labels are as noisy as the training labels would make them")
@@ -151,14 +219,65 @@ class DataCfg(_Section):
             raise ValueError(f"'data.std' values must be > 0, got {v}")
         return v
 
+    @field_validator("scale", "ratio")
+    @classmethod
+    def _crop_range(cls, v: list[float], info: Any) -> list[float]:
+        """timm's RandomResizedCrop draws the area from scale and the log aspect from ratio: a zero or negative
+        bound is a math domain error in a worker, lo > hi or an area above 1 silently never crops as asked."""
+        lo, hi = v
+        top = 1.0 if info.field_name == "scale" else None
+        if not 0 < lo <= hi or (top is not None and hi > top):
+            raise ValueError(f"'data.{info.field_name}' is {v}; expected [lo, hi] with 0 < lo <= hi"
+                             + (" <= 1 (fractions of the image area)" if top else " (aspect ratios, e.g. [0.75, 1.33])"))
+        return v
+
+    @field_validator("cutmix_minmax")
+    @classmethod
+    def _box_range(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not 0 <= v[0] < v[1] <= 1:
+            raise ValueError(f"'data.cutmix_minmax' is {v}; expected [min, max] box ratios with 0 <= min < max <= 1")
+        return v
+
+    @field_validator("auto_augment")
+    @classmethod
+    def _policy(cls, v: str | None) -> str | None:
+        """Parsed by timm's own parsers, as its create_transform dispatches them, so a policy timm cannot read is
+        refused here instead of in the first training batch."""
+        if v is None:
+            return v
+        from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+        hparams = {"translate_const": 100, "img_mean": (124, 116, 104)}
+        try:
+            if not v:
+                raise ValueError("empty")
+            ignored = [c for c in v.split("-")[1:] if not re.search(r"\d", c) and not (v.startswith("rand") and
+                                                                                       c.startswith("t"))]
+            if v.startswith(("rand", "augmix")) and ignored:  # timm skips a section without a number silently
+                raise ValueError(f"section '{ignored[0]}' has no number, and timm would ignore it")
+            if v.startswith("rand"):
+                rand_augment_transform(v, hparams)
+            elif v.startswith("augmix"):
+                augment_and_mix_transform(v, {**hparams, "translate_pct": 0.3})
+            else:
+                auto_augment_transform(v, hparams)
+        except Exception as e:  # timm asserts (AssertionError), or a bad number in a section (ValueError)
+            why = str(e).strip().splitlines()[0][:80] if str(e).strip() else type(e).__name__
+            raise ValueError(f"'data.auto_augment' is {v!r}, which timm cannot parse ({why}); use a timm policy such "
+                             f"as rand-m9-mstd0.5, augmix-m5-w4-d2, original or v0 (or null)") from None
+        return v
+
 
 class LossCfg(_Section):
-    objective: Literal["cl", "dml", "one", "kdcl", "pcl"] = Field(
-        "cl", description="cl: the paper's (Song & Chai 2018); dml: Deep Mutual Learning; one: On-the-fly Native "
-        "Ensemble (a learned gate over the heads, not part of the collapsed model); kdcl: KDCL-MinLogit; pcl: Peer "
-        "Collaborative Learning (a peer-ensemble classifier over the heads' features, not part of the collapsed "
-        "model, and a temporal mean (EMA) of the tree, which is what is evaluated and exported) "
-        "(docs/concepts.md, Objectives)")
+    objective: str = Field(
+        "cl", description="the training objective, by its name in headsurgeon.objectives.OBJECTIVES (the registry "
+        "every name, parameter default and card line comes from): cl: the paper's (Song & Chai 2018); dml: Deep "
+        "Mutual Learning; one: On-the-fly Native Ensemble (a learned gate over the heads, not part of the collapsed "
+        "model); kdcl: KDCL-MinLogit; pcl: Peer Collaborative Learning (a peer-ensemble classifier over the heads' "
+        "features, not part of the collapsed model, and a temporal mean (EMA) of the tree, which is what is "
+        "evaluated and exported); an objective registered with @register before the recipe is read "
+        "(docs/objectives.md, Adding an objective)",
+        json_schema_extra=lambda schema: schema.update(enum=list(_builtin_objectives())))
     beta: Prob = Field(0.5, description="cl only: weight of the hard (label) term")
     temperature: float | None = Field(None, gt=0, description="soft-target temperature (null: the objective's own "
                                       "default: cl 2, dml 1, one 3, kdcl 3, pcl 3)")
@@ -169,6 +288,29 @@ class LossCfg(_Section):
                              "after a warm-up min(1 - 1/(step + 1), ema_decay) (the PCL re-implementation's 0.999); "
                              "pcl evaluates and exports that temporal mean, so the 'ema' key stays off")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the hard term")
+
+    @field_validator("objective")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        names = _objective_names()
+        if v not in names:
+            near = difflib.get_close_matches(v, names, n=1)
+            raise ValueError(f"'loss.objective' is {v!r}, not a registered objective; choose one of "
+                             f"{', '.join(names)}" + (f" (did you mean {near[0]}?)" if near else ""))
+        return v
+
+
+def _builtin_objectives() -> tuple[str, ...]:
+    from .objectives import BUILTIN
+
+    return BUILTIN
+
+
+def _objective_names() -> list[str]:
+    """The registry's names (headsurgeon.objectives imports torch, so only when a recipe is checked)."""
+    from .objectives import OBJECTIVES
+
+    return sorted(OBJECTIVES)
 
 
 class OptimCfg(_Section):
@@ -272,8 +414,15 @@ class Recipe(_Section):
     channels_last: bool = Field(False, description="channels_last memory format")
     compile: bool | str = Field(False, description="torch.compile (true or a backend name)")
     sync_bn: bool = Field(False, description="SyncBatchNorm under DDP (CUDA); otherwise BN stats are averaged per epoch")
-    seed: int = Field(0, ge=0, description="global seed (init, data order, augmentation)")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="global seed (init, data order, augmentation)")
     output: str | None = Field(None, description="run directory (default runs/<recipe>-<time>)")
+
+    @field_validator("output")
+    @classmethod
+    def _path_name(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_path_name(v, "'output'")
+        return v
 
     @field_validator("compile")
     @classmethod
@@ -339,8 +488,11 @@ class Recipe(_Section):
         if self.eval_every > 1 and self.sched.sched == "plateau":
             raise ValueError(f"'eval_every' is {self.eval_every} but sched.sched 'plateau' steps on every epoch's "
                              f"validation accuracy; use eval_every: 1 or another schedule")
-        if self.loss.objective == "pcl" and self.ema is not False:
-            raise ValueError("'ema' is set but loss.objective 'pcl' keeps its own temporal mean (EMA) of the tree, which "
+        from .objectives import OBJECTIVES
+
+        if OBJECTIVES[self.loss.objective].needs_mean_logits and self.ema is not False:
+            raise ValueError(f"'ema' is set but loss.objective '{self.loss.objective}' keeps its own temporal mean (EMA) "
+                             "of the tree, which "
                              "is evaluated and exported; set its decay with 'loss.ema_decay' and leave 'ema' off")
         if d.folds is not None and d.dataset != "digits":
             raise ValueError(f"'data.folds' partitions the digits dataset only; '{d.dataset}' has its own test split "
@@ -354,6 +506,19 @@ class Recipe(_Section):
                              f"{'/, '.join(p.rstrip('/') for p in DATASET_PREFIXES)}/ name (e.g. torch/cifar10)")
         if d.dataset not in ("digits", "fashion-mnist") and not d.root and not d.dataset.startswith(("hfds/", "hfids/")):
             raise ValueError(f"dataset '{d.dataset}' needs 'data.root' (a folder to read or download into)")
+        if d.cutmix_minmax is not None and int(d.img_size * d.cutmix_minmax[0]) >= int(d.img_size * d.cutmix_minmax[1]):
+            raise ValueError(f"'data.cutmix_minmax' {d.cutmix_minmax} at data.img_size {d.img_size} gives boxes of "
+                             f"{int(d.img_size * d.cutmix_minmax[0])} to {int(d.img_size * d.cutmix_minmax[1])} px: "
+                             f"timm draws from [min, max) and needs max > min there; widen the range")
+        # A lower bound of what one step holds: every head keeps at least one input-sized fp32 activation per image
+        # (a tree split at the input is `heads` whole models). Above what any machine holds it cannot be allocated.
+        batch = max(d.batch_size, d.eval_batch_size or 2 * d.batch_size)
+        need = batch * 3 * d.img_size ** 2 * 4 * self.split.heads
+        if need > STEP_BYTES_MAX:
+            raise ValueError(f"data.img_size {d.img_size} with a batch of {batch} and {self.split.heads} heads needs at "
+                             f"least {need / 2**40:,.1f} TiB for one step's activations (batch x 3 x img_size^2 x 4 bytes "
+                             f"x heads), more than a machine holds; lower data.img_size, data.batch_size / "
+                             f"data.eval_batch_size or split.heads")
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -363,6 +528,15 @@ class Recipe(_Section):
     def nested(self) -> dict[str, Any]:
         """YAML-ready data (``OUTPUT/recipe.yaml``)."""
         return self.model_dump(mode="json")
+
+
+def check_path_name(path: str, what: str) -> None:
+    """A path the file system can take (:func:`headsurgeon.storage.path_name_problem`), as a schema error."""
+    from .storage import path_name_problem
+
+    problem = path_name_problem(path, what)
+    if problem:
+        raise ValueError(problem)
 
 
 # ------------------------------------------------------------------------------- keys and their docs
@@ -403,7 +577,7 @@ def _allowed(prop: dict[str, Any]) -> str:
             parts.append("one of " + ", ".join(map(repr, o.get("enum", [o.get("const")]))))
             continue
         text = _TYPES.get(o.get("type"), "a value")
-        bounds = [f"{op} {o[k]:g}" for k, op in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="),
+        bounds = [f"{op} {o[k]:g}" if isinstance(o[k], float) else f"{op} {o[k]}" for k, op in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="),
                                                   ("exclusiveMaximum", "<")) if k in o]
         if bounds:
             text += " " + " and ".join(bounds)
@@ -498,6 +672,9 @@ def _messages(e: ValidationError, flat: dict[str, Any]) -> list[str]:
         key = ".".join(loc[:2]) if loc and loc[0] in SECTIONS and len(loc) > 1 else (loc[0] if loc else "")
         if err["type"] == "extra_forbidden":
             msg = f"unknown recipe key '{key}'" + _hint(key, list(props))
+        elif err["type"] == "finite_number" and key in props:
+            msg = (f"'{key}' is {flat.get(key, err['input'])!r}: NaN and infinity are not allowed; expected "
+                   f"{_allowed(props[key])} ({docs[key]})")
         elif err["type"] == "value_error" or key not in props:
             msg = str(err.get("ctx", {}).get("error", err["msg"])) if err["type"] == "value_error" else err["msg"]
         else:

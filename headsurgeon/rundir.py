@@ -13,7 +13,7 @@ Layout::
     last/            tree directory + state.pt (optimizer, scheduler, scaler, epoch, RNG, history) for
                      --resume, ema.safetensors with EMA, objective.safetensors for an objective's own
                      modules (ONE's gate)
-    .lock            the PID of the one process writing the run
+    .lock            the PID (and start time) of the one process writing the run
 
 Checkpoint directories are written atomically (a hidden sibling renamed into place; leftovers of a
 killed write are removed on the next start); state is read with ``torch.load(weights_only=True)``
@@ -46,6 +46,7 @@ RECIPE_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE = "recipe.yaml", "metrics.j
 BEST, LAST, RECOVERY, HISTORY = "best", "last", "recovery", "history"
 STATE_FILE, EMA_FILE, OBJECTIVE_FILE, RECORD_FILE = "state.pt", "ema.safetensors", "objective.safetensors", "record.json"
 LOCK_FILE = ".lock"
+DATA_CONFIG_FILE = "data_config.json"  # the evaluation preprocessing the run was trained with, written once at its start
 
 
 def latest_run(root: Path = RUNS, prefix: str = "", need: str = SUMMARY_FILE) -> Path | None:
@@ -82,6 +83,66 @@ STATE_KEYS = ("epoch", "optimizer", "scheduler", "history", "best", "wall_time_s
 RECOVERY_KEYS = ("step", "rng", "epoch_rng", "sums")
 
 
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int(v: Any, lo: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _scores_problem(m: Any, heads: int | None) -> str | None:
+    """One evaluation of a history row (``val``/``test``): each head's and the ensemble's top-1/top-5."""
+    ok = lambda d: isinstance(d, dict) and _num(d.get("top1")) and _num(d.get("top5"))  # noqa: E731
+    if not isinstance(m, dict) or not isinstance(m.get("heads"), list) or not m["heads"] \
+            or not all(map(ok, m["heads"])) or not ok(m.get("ensemble")):
+        return "not each head's and the ensemble's top1 and top5"
+    if heads is not None and len(m["heads"]) != heads:
+        return f"{len(m['heads'])} heads where earlier epochs have {heads}"
+    return None
+
+
+def _state_problem(s: dict[str, Any]) -> str | None:
+    """What is wrong with the values of a state file whose keys are all there (a hand-edited or corrupt
+    file would otherwise fail deep inside the optimizer, the RNG or the summary, as a traceback)."""
+    opt = s["optimizer"]
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(
+            opt.get("param_groups"), list) or not opt["param_groups"] or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"]):
+        return "optimizer is not an optimizer's state (state and param_groups)"
+    for key in ("scheduler", "scaler"):
+        if s.get(key) is not None and not isinstance(s[key], dict):
+            return f"{key} is {type(s[key]).__name__}, not a state dict"
+    if not _num(s["wall_time_s"]) or s["wall_time_s"] < 0:
+        return f"wall_time_s {s['wall_time_s']!r}"
+    if s["epoch"] < 0:
+        return f"epoch {s['epoch']}"
+    heads = None
+    for i, row in enumerate(s["history"], 1):
+        if not isinstance(row, dict) or row.get("epoch") != i:
+            return f"history entry {i} is not the row of epoch {i}"
+        for split_ in ("val", "test") if "val" in row or "test" in row else ():
+            bad = _scores_problem(row.get(split_), heads)
+            if bad:
+                return f"history epoch {i} {split_}: {bad}"
+            heads = len(row[split_]["heads"])
+    b = s["best"]
+    if b is not None and not (isinstance(b, dict) and _int(b.get("epoch"), 1) and b["epoch"] <= s["epoch"]
+                              and "val" in s["history"][b["epoch"] - 1] and _int(b.get("head"))
+                              and b["head"] < (heads or 0) and _num(b.get("val_top1"))):
+        return f"best {b!r:.80} is not an evaluated epoch and head of its history"
+    rngs = [s["rng"]] + ([s["epoch_rng"]] if "step" in s else [])
+    if not all(isinstance(r, list) and r and all(isinstance(x, dict) and {"torch", "python", "numpy"} <= set(x)
+                                                 for x in r) for r in rngs):
+        return "rng is not a list of RNG states"
+    if "step" in s:
+        sums = s["sums"]
+        if not _int(s["step"]) or not isinstance(sums, dict) or not _int(sums.get("seen")) or not all(
+                isinstance(sums.get(k), torch.Tensor) for k in ("total", "hits", "terms")):
+            return "step or sums of the mid-epoch point"
+    return None
+
+
 def _loads(line: str) -> Any:
     try:
         return json.loads(line)
@@ -113,6 +174,14 @@ def check_summary(s: Any, where: str, heads: int | None = None) -> dict[str, Any
         raise bad(f"best_head {b!r} is not a head index 0..{len(rows) - 1}")
     if not isinstance(s["best_epoch"], int) or isinstance(s["best_epoch"], bool) or s["best_epoch"] < 1:
         raise bad(f"best_epoch {s['best_epoch']!r} is not an epoch number")
+    for name, m in [*((f"head {i}", h) for i, h in enumerate(rows)), ("ensemble", s.get("ensemble") or {})]:
+        for k, v in m.items() if isinstance(m, dict) else ():  # json reads NaN and Infinity: never a card's accuracy
+            if k.endswith(("_top1", "_top5")) and not (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                          and 0 <= v <= 100):
+                raise bad(f"{name} {k} is {v!r}, not a percentage 0..100")
+    names = s.get("label_names")
+    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+        raise bad(f"label_names is {names!r:.60}, not a list of class names")  # a string would be one name per letter
     return s
 
 
@@ -149,6 +218,11 @@ class RunDir:
     """The files of one run. Only the primary process of a (DDP) run writes through it."""
 
     def __init__(self, path: str | os.PathLike):
+        try:  # a name the file system refuses (ENAMETOOLONG) would fail the first stat of the run as a traceback
+            R.check_path_name(str(path), f"run directory '{str(path)[:60]}...'" if len(str(path)) > 60 else
+                              f"run directory '{path}'")
+        except ValueError as e:
+            raise HeadsurgeonError(str(e)) from None
         self.path = Path(path)
         self._locked = False
         self._restart = False
@@ -202,7 +276,22 @@ class RunDir:
         return False
 
     def restartable(self) -> bool:
-        return (self.path / RECIPE_FILE).is_file() and not self.resumable() and not (self.path / "spec.json").exists()
+        """A run stopped before its first checkpoint: its recipe.yaml and no resume point, or (killed
+        between taking the lock and writing recipe.yaml) nothing but a dead process's lock."""
+        if self.resumable() or (self.path / "spec.json").exists():
+            return False
+        return (self.path / RECIPE_FILE).is_file() or self._only_start_debris()
+
+    def _only_start_debris(self) -> bool:
+        """The folder holds only what a start writes before ``recipe.yaml`` and a process that is gone left:
+        its lock (or the lock's temporary file), a half-written ``.recipe.yaml.tmp``, a writability probe."""
+        try:
+            names = [p.name for p in self.path.iterdir()]
+        except OSError:
+            return False
+        debris = [n for n in names if n in (LOCK_FILE, f".{RECIPE_FILE}.tmp")
+                  or n.startswith((f"{LOCK_FILE}.", ".headsurgeon-probe."))]
+        return bool(names) and debris == names and self.owner() is None
 
     def _not_a_tree(self) -> None:
         if (self.path / "spec.json").is_file():
@@ -243,26 +332,35 @@ class RunDir:
 
     @contextmanager
     def _writing(self, what: str):
-        """A failed write (a full disk) names what was kept and how to go on."""
+        """A failed write (a full or read-only disk, a file-size limit) names what was kept and how to go
+        on; also one that a library reports as its own error (safetensors, torch.save)."""
         try:
             yield
-        except OSError as e:
-            raise storage.os_error(e, self.path / what, self._resume_hint()) from None
         except HeadsurgeonError as e:
-            raise HeadsurgeonError(f"{e}; {self._resume_hint()}") from None
+            raise HeadsurgeonError(f"{e}; {self._resume_hint(getattr(e, 'errno', None))}") from None
+        except Exception as e:
+            failed = storage.write_failure(e, self.path)
+            if failed is None:
+                raise
+            raise storage.os_error(failed, self.path / what, self._resume_hint(failed.errno)) from None
 
-    def _resume_hint(self) -> str:
-        return (f"the previous checkpoint is intact: free space, then continue with "
-                f"`headsurgeon train --resume -o {self.path}`")
+    def _resume_hint(self, code: int | None = None) -> str:
+        fix = storage.fix_for(OSError(code, "")) if code is not None else "free space"
+        if not self.resumable():
+            return f"there is no checkpoint yet: {fix}, then run the same command again (it starts the run over)"
+        return f"the previous checkpoint is intact: {fix}, then continue with `headsurgeon train --resume -o {self.path}`"
 
     # -- one writer
     def owner(self) -> int | None:
-        """The PID of a live process holding this run's lock, else None."""
+        """The PID of a live process holding this run's lock, else None. The lock holds the PID and the
+        process's start time: a lock whose PID a later process reuses is stale (a lock written before
+        start times has only the PID)."""
         try:
-            pid = int((self.path / LOCK_FILE).read_text().split()[0])
+            fields = (self.path / LOCK_FILE).read_text().split()
+            pid, start = int(fields[0]), int(fields[1]) if len(fields) > 1 else None
         except (OSError, ValueError, IndexError):
             return None
-        return pid if pid > 0 and pid != os.getpid() and storage.pid_alive(pid) else None
+        return pid if pid > 0 and pid != os.getpid() and storage.process_alive(pid, start) else None
 
     def check_unlocked(self) -> None:
         pid = self.owner()
@@ -281,14 +379,16 @@ class RunDir:
         finished or moved on between those checks and this lock is never overwritten or resumed from
         an older state.
         """
-        self._fresh = "absent" if not self.path.exists() else "empty" if not any(self.path.iterdir()) else None
+        self._fresh = "absent" if not self.path.exists() else \
+            "empty" if not any(self.path.iterdir()) or self._only_start_debris() else None
         self.path.mkdir(parents=True, exist_ok=True)
         lock = self.path / LOCK_FILE
         with _folder_mutex(self.path):
             self.check_unlocked()  # a live process's lock; a dead one's is stale and replaced below
             tmp = self.path / f"{LOCK_FILE}.{os.getpid()}.tmp"
             try:
-                tmp.write_text(f"{os.getpid()}\n")
+                start = storage.process_start(os.getpid())
+                tmp.write_text(f"{os.getpid()}{'' if start is None else f' {start}'}\n")
                 os.replace(tmp, lock)
             except OSError as e:
                 tmp.unlink(missing_ok=True)
@@ -302,8 +402,11 @@ class RunDir:
 
     def unlock(self) -> None:
         if self._locked:
-            (self.path / LOCK_FILE).unlink(missing_ok=True)
             self._locked = False
+            try:
+                (self.path / LOCK_FILE).unlink(missing_ok=True)
+            except OSError:  # a file system gone read-only: the lock stays, stale once this process ends
+                pass
 
     def discard_if_unstarted(self) -> bool:
         """Undo the start of a run that failed before it had anything to resume from (a refused W&B
@@ -313,12 +416,15 @@ class RunDir:
             return False
         if self._fresh == "absent":
             shutil.rmtree(self.path, ignore_errors=True)
-        else:
+            return True
+        try:
             for p in self.path.iterdir():
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
                     p.unlink(missing_ok=True)
+        except OSError:  # a read-only file system: what is left is started over by the next run
+            pass
         return True
 
     def restore_replaced(self) -> None:
@@ -349,6 +455,40 @@ class RunDir:
         """The stored recipe; keys added since the run started take their defaults."""
         where = str(self.path / RECIPE_FILE)
         return R.from_flat(R.read(self.path / RECIPE_FILE, where), where)
+
+    # -- preprocessing
+    def record_data_config(self, recipe: R.Recipe, spec: Any) -> None:
+        """``data_config.json``: the evaluation preprocessing (timm ``pretrained_cfg`` keys: input size,
+        interpolation, mean, std, crop) the run is trained and evaluated with, written when a run starts and
+        never changed by a resume (which refuses a recipe that would change it). ``collapse`` exports it, so an
+        edited or removed ``recipe.yaml`` cannot change what the exported model is fed."""
+        from .data import eval_config
+
+        path = self.path / DATA_CONFIG_FILE
+        if self._resume is not None and path.is_file():
+            return
+        cfg = eval_config(recipe, spec.pretrained_cfg, spec.model_args.get("in_chans", 3))
+        with self._writing(DATA_CONFIG_FILE):
+            write_json(path, {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()})
+
+    def data_config(self) -> dict[str, Any] | None:
+        """The preprocessing recorded by :meth:`record_data_config`, checked; None for a run older than it."""
+        path = self.path / DATA_CONFIG_FILE
+        if not path.is_file():
+            return None
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise HeadsurgeonError(f"'{path}' is unreadable ({type(e).__name__}); restore it or re-run training") from None
+        size, mean, std = (cfg.get(k) if isinstance(cfg, dict) else None for k in ("input_size", "mean", "std"))
+        nums = lambda v, n=None: isinstance(v, list) and v and (n is None or len(v) == n) and all(  # noqa: E731
+            isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v)
+        if not (nums(size, 3) and all(isinstance(x, int) for x in size) and nums(std, size[0])
+                and isinstance(mean, list) and len(mean) == size[0] and isinstance(cfg.get("crop_pct"), (int, float))
+                and isinstance(cfg.get("interpolation"), str)):
+            raise HeadsurgeonError(f"'{path}' is invalid (input_size, mean, std, crop_pct and interpolation of the "
+                                   f"run's preprocessing); was it edited? restore it or re-run training")
+        return {**cfg, **{k: tuple(cfg[k]) for k in ("input_size", "mean", "std")}}
 
     # -- metrics
     def append_metrics(self, row: dict[str, Any]) -> None:
@@ -381,7 +521,8 @@ class RunDir:
         want = [json.dumps(row) for row in history]
         bad = [n for n, (old, new) in enumerate(zip(lines, want), 1) if old != new and _loads(old) != _loads(new)]
         bad += list(range(len(lines) + 1, len(want) + 1))  # missing lines
-        storage.write_text(p, "".join(line + "\n" for line in want))
+        with self._writing(METRICS_FILE):
+            storage.write_text(p, "".join(line + "\n" for line in want))
         return bad
 
     # -- checkpoints
@@ -416,7 +557,8 @@ class RunDir:
         mine = (score(record), -record["best_epoch"], hist / f"epoch-{record['best_epoch']:03d}")
         ranked = sorted([*kept, mine], reverse=True)  # best first; on a tie the earlier epoch
         if mine in ranked[:keep]:
-            tree.save(mine[2], overwrite=True, extra=lambda tmp: write_json(tmp / RECORD_FILE, record))
+            with self._writing(f"{HISTORY}/{mine[2].name}"):
+                tree.save(mine[2], overwrite=True, extra=lambda tmp: write_json(tmp / RECORD_FILE, record))
         for _, _, d in ranked[keep:]:
             shutil.rmtree(d, ignore_errors=True)
 
@@ -444,6 +586,10 @@ class RunDir:
             raise HeadsurgeonError(f"cannot resume '{self.path}': {point.name}/{STATE_FILE} is inconsistent "
                                    f"(epoch {s['epoch']!r} but {len(s['history']) if isinstance(s['history'], list) else '?'} "
                                    f"epochs of history); {fix}")
+        problem = _state_problem(s)
+        if problem:
+            raise HeadsurgeonError(f"cannot resume '{self.path}': {point.name}/{STATE_FILE} is invalid ({problem}); "
+                                   f"was it edited? {fix}")
         return s
 
     def load_into(self, module: nn.Module, point: Path, name: str, device: str | torch.device) -> None:

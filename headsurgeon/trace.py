@@ -9,10 +9,14 @@ model.
 """
 from __future__ import annotations
 
+import contextvars
 import importlib
 import inspect
+import re
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from torch import fx, nn
 from torchvision.models.feature_extraction import NodePathTracer
@@ -45,9 +49,12 @@ def import_classes(paths: Sequence[str | type]) -> tuple[type, ...]:
     return tuple(out)
 
 
+_DOTTED = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+
+
 def _import_class(path: str) -> Any:
     mod, _, qual = path.partition(":")
-    if not mod or not qual:
+    if not _DOTTED.fullmatch(mod) or not _DOTTED.fullmatch(qual):  # also no relative '.mod' imports
         raise HeadsurgeonError(f"leaf module '{path}' is not module:Class; name it like "
                                f"timm.models.gemma4_vit:Gemma4VitEncoder")
     try:
@@ -58,6 +65,53 @@ def _import_class(path: str) -> Any:
         raise HeadsurgeonError(f"cannot import leaf module class '{path}': {first_line(e)} (name it as module:Class, "
                                f"e.g. timm.models.gemma4_vit:Gemma4VitEncoder)") from None
     return obj
+
+
+# The leaf-module classes the user named in this context (the CLI's --leaf-module, a recipe's
+# split.leaf_modules) and whether the user trusts every spec read in it: what a spec.json read from disk
+# may import (spec_classes). A context variable, so a library caller's setting ends with its block.
+_ALLOWED: contextvars.ContextVar[tuple[frozenset[str], bool]] = contextvars.ContextVar(
+    "headsurgeon_leaf_modules", default=(frozenset(), False))
+
+
+def _path_of(p: str | type) -> str:
+    return class_path(p) if isinstance(p, type) else str(p)
+
+
+@contextmanager
+def allow_leaf_modules(paths: Sequence[str | type] = (), trust: bool = False) -> Iterator[None]:
+    """Let the specs read from disk in this block name the leaf-module classes ``paths`` (``module:Class``
+    strings or classes), or, with ``trust``, any class: what ``--leaf-module`` / ``--trust-leaf-modules``
+    of ``collapse`` and a recipe's ``split.leaf_modules`` do for the trees loaded under them."""
+    names, trusted = _ALLOWED.get()
+    token = _ALLOWED.set((names | {_path_of(p) for p in paths}, trusted or trust))
+    try:
+        yield
+    finally:
+        _ALLOWED.reset(token)
+
+
+def spec_classes(paths: Sequence[str], where: str, allowed: Sequence[str | type] = (),
+                 trust: bool = False) -> tuple[type, ...]:
+    """The leaf-module classes named by a spec read from disk (``where``), imported only when that is safe.
+
+    Importing a module runs its code and a tree folder may come from anyone, so a spec's ``module:Class``
+    is imported only if its module is imported already (timm's own classes, the package of a custom
+    model the caller imported to register it: importing them again runs nothing new), or the user named
+    it (``allowed``, :func:`allow_leaf_modules`: ``--leaf-module``, a recipe's ``split.leaf_modules``), or
+    trusts the tree (``trust``, ``--trust-leaf-modules``). Anything else is refused in one line, before
+    any import.
+    """
+    names, trusted = _ALLOWED.get()
+    names = names | {_path_of(p) for p in allowed}
+    if not (trust or trusted):
+        for p in paths:
+            if p not in names and p.partition(":")[0] not in sys.modules:
+                raise HeadsurgeonError(
+                    f"'{where}' names leaf module '{p}', which is not imported yet: a tree's spec may import only "
+                    f"the modules you name (importing one runs its code); if you trust it, pass --leaf-module {p} "
+                    f"(recipe split.leaf_modules, leaf_modules=[...]) or --trust-leaf-modules (trust_leaf_modules=True)")
+    return import_classes(paths)
 
 
 class HeadTracer(NodePathTracer):

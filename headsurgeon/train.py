@@ -22,6 +22,7 @@ from .errors import HeadsurgeonError, first_line
 from .rundir import EMA_FILE, OBJECTIVE_FILE, RUNS, STATE_FILE, RunDir, latest_run, new_run_path, rng_state, \
     set_rng_state
 from .task import CollaborativeTask, evaluate, evaluate_fit, temporal_mean
+from .trace import allow_leaf_modules
 from .tree import HeadTree, split
 
 __all__ = ["train", "evaluate", "evaluate_fit", "train_epoch", "objective_for", "mixup_for", "tree_for", "temporal_mean", "build",
@@ -164,14 +165,16 @@ def check(recipe: R.Recipe) -> HeadTree:
     """The recipe's tree built without its data (random init unless the recipe names weights), so that
     an unknown model, split point, fan-out or leaf module is refused in seconds, before a long job.
     The classifier size does not change what is checked: 10 classes stand in for the dataset's."""
-    return HeadTree.load(recipe.tree) if recipe.tree else tree_for(recipe, classes=10)
+    with allow_leaf_modules(recipe.split.leaf_modules):
+        return HeadTree.load(recipe.tree) if recipe.tree else tree_for(recipe, classes=10)
 
 
 def tree_for(recipe: R.Recipe, classes: int) -> HeadTree:
     """The recipe's tree: ``tree:`` loaded (its classes checked), else ``model`` split as ``split.*`` says."""
     r = recipe
     if r.tree:
-        tree = HeadTree.load(r.tree)
+        with allow_leaf_modules(r.split.leaf_modules):
+            tree = HeadTree.load(r.tree)
         have = tree.spec.model_args.get("num_classes", tree.spec.pretrained_cfg.get("num_classes"))
         if have != classes:
             raise HeadsurgeonError(f"tree '{r.tree}' has {have} classes but dataset '{r.data.dataset}' has "
@@ -201,7 +204,8 @@ def build(recipe: R.Recipe, name: str = "run", output: str | None = None, resume
     run_dir = _run_dir(r, name, output, resume, proc, log)
     random_seed(r.seed, proc.rank)
     splits = D.splits(r)
-    tree = HeadTree.load(run_dir.resume_state()[0]) if resume else tree_for(r, splits.num_classes)
+    with allow_leaf_modules(r.split.leaf_modules):  # the recipe names the classes its tree may import
+        tree = HeadTree.load(run_dir.resume_state()[0]) if resume else tree_for(r, splits.num_classes)
 
     dev, cuda = proc.device, proc.device.type == "cuda"
     if r.amp and not cuda:
@@ -499,6 +503,7 @@ def fit(run: Run, stop_after: int | None = None) -> dict[str, Any]:
     r, proc = run.recipe, run.proc
     if proc.primary:  # a resumed run's recipe differs at most in resume-free keys or a longer `epochs`
         run.dir.write_recipe(r)
+        run.dir.record_data_config(r, run.tree.spec)  # the preprocessing collapse exports (not the editable recipe.yaml)
     run.log(f"training {run.tree.num_heads} heads of {run.tree.spec.label} on {run.splits.sizes()} samples "
             f"({run.splits.num_classes} classes) on {proc.device}" + (f" x {proc.world} processes" if proc.distributed
                                                                          else "") + f"; run dir {run.dir}")

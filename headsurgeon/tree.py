@@ -29,7 +29,7 @@ from . import models, verify
 from .cut import INPUT, cut_graph, feature_points, point_names, resolve_all
 from .errors import HeadsurgeonError, first_line
 from .storage import atomic_dir, sha256_file
-from .trace import class_path, import_classes, trace
+from .trace import class_path, import_classes, spec_classes, trace
 from .version import __version__
 
 SPEC_FILE = "spec.json"
@@ -176,10 +176,63 @@ class SplitSpec(BaseModel):
         if isinstance(raw.get("format"), int) and raw["format"] > PEERS_FORMAT:
             raise HeadsurgeonError(f"'{where}' was written by a newer headsurgeon (format {raw['format']}); upgrade")
         try:
-            return cls.model_validate(raw)
+            spec = cls.model_validate(raw)
         except ValidationError as e:
             bad = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'spec'}: {err['msg']}" for err in e.errors())
             raise HeadsurgeonError(f"'{where}' is unreadable ({bad}); re-create the tree") from None
+        bad = _loaded_sizes_problem(spec)
+        if bad:
+            raise HeadsurgeonError(f"'{where}' is invalid ({bad}); was it edited? restore it or re-create the tree")
+        return spec
+
+
+# A loaded spec's input size is what the tree is traced and verified at (a probe batch of that size): one
+# claiming 3x100000x100000 would allocate terabytes. 2**26 values (256 MB in fp32) is 3x4700x4700, four
+# times the area of the largest timm pretrained input.
+INPUT_VALUES_MAX = 2**26
+
+
+def _loaded_sizes_problem(spec: "SplitSpec") -> str | None:
+    """What is absurd in the sizes of a spec read from disk (hand-edited or corrupt), before anything is built."""
+    sizes = [("input_size", spec.input_size)]
+    for i, peer in enumerate(spec.peers or [spec._own()]):
+        where = f"peers.{i}.pretrained_cfg" if spec.peers else "pretrained_cfg"
+        sizes += [(f"{where}.{k}", peer.pretrained_cfg.get(k)) for k in ("input_size", "test_input_size")]
+    for key, size in sizes:
+        if size is None:
+            continue
+        if not isinstance(size, (list, tuple)) or len(size) != 3 or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size):
+            return f"{key} {list(size) if isinstance(size, (list, tuple)) else size!r:.60} is not three positive integers C, H, W"
+        if math.prod(size) > INPUT_VALUES_MAX:
+            return f"{key} {'x'.join(map(str, size))} is {math.prod(size):,} values per image, more than {INPUT_VALUES_MAX:,}"
+    return None
+
+
+def _check_copies(spec: "SplitSpec", weights: Path) -> None:
+    """The head count and fan-out of a loaded spec must match the branch copies its weights hold (names
+    ``levels.L.J.*``), checked from the safetensors header before the tree is built: a spec claiming a
+    million heads would otherwise deep-copy a million branches before the weights are found not to fit."""
+    try:
+        with safetensors.safe_open(str(weights), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:  # unreadable: _load_weights says so
+        return
+    copies: dict[int, set[int]] = {}
+    for k in keys:
+        parts = k.split(".", 3)
+        if len(parts) == 4 and parts[0] == "levels" and parts[1].isdigit() and parts[2].isdigit():
+            copies.setdefault(int(parts[1]), set()).add(int(parts[2]))
+    want = [1]
+    for f in spec.fanout:
+        want.append(want[-1] * f)
+    for level, js in sorted(copies.items()):
+        n = want[level] if level < len(want) else 0
+        if n > len(js):  # fewer copies than the spec claims (more is cheap to build: _load_weights names the keys)
+            raise HeadsurgeonError(f"'{weights}' does not fit the tree its {SPEC_FILE} describes (the spec says "
+                                   f"{spec.heads} heads, fan-out {list(spec.fanout)}: {n} copies at level {level}, but "
+                                   f"the weights hold {len(js)}): the two files come from different trees, or "
+                                   f"{SPEC_FILE} was edited; re-create the tree with `headsurgeon split`")
 
 
 # ------------------------------------------------------------------------------- the module
@@ -425,11 +478,15 @@ class HeadTree(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = False) -> "HeadTree":
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = False,
+             leaf_modules: Sequence[str | type] = (), trust_leaf_modules: bool = False) -> "HeadTree":
         """Rebuild the tree from its spec and load its weights.
 
         The model is created and traced again (the graph is code, not data), but not compared with
         the eager model: that was done when the tree was split. ``verify=True`` repeats the check.
+        The spec's leaf modules are imported only if their modules are imported already, or are named in
+        ``leaf_modules`` (or :func:`headsurgeon.trace.allow_leaf_modules`), or ``trust_leaf_modules``:
+        a spec from disk must not run code (:func:`headsurgeon.trace.spec_classes`).
         """
         directory = Path(directory)
         spec_path, weights = directory / SPEC_FILE, directory / WEIGHTS_FILE
@@ -440,7 +497,8 @@ class HeadTree(nn.Module):
             )
         _check_sum(directory)
         spec = SplitSpec.from_json(spec_path.read_text(), where=str(spec_path))
-        leaf = import_classes(spec.leaf_modules)
+        _check_copies(spec, weights)
+        leaf = spec_classes(spec.leaf_modules, str(spec_path), leaf_modules, trust_leaf_modules)
         if spec.peers:
             ms = [models.model_from_spec(spec, h) for h in range(spec.heads)]
             levels, owns, _ = _cut_peers(ms, [p.architecture for p in spec.peers],

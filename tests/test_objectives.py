@@ -153,7 +153,7 @@ def test_cl_is_collaborative_loss_bit_for_bit(heads, beta, T, t2, ls, dtype):
     zs = [z.to(dtype).requires_grad_() for z in _rand(heads, seed=heads, dtype=torch.float32)]
     want = _collaborative_loss_v0(zs, y, **kw)
     want_g = torch.autograd.grad(want, zs)
-    for got in (O.get("cl", **kw)(zs, y).loss, collaborative_loss(zs, y, **kw)):
+    for got in (O.get("cl", **kw)(zs, y).loss, collaborative_loss(zs, y, **kw)):  # the same ops in this process: exact
         assert got.dtype == want.dtype and torch.equal(got, want)
         assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(got, zs), want_g))
 
@@ -209,8 +209,9 @@ def test_dml_two_heads_by_hand():
     s = 1 / (1 + math.exp(-1))
     want = (math.log(2) + s * math.log(2 * s) + (1 - s) * math.log(2 * (1 - s))
             + math.log(1 + math.exp(-1)) - 0.5 * math.log(2 * s) - 0.5 * math.log(2 * (1 - s)))
-    got = O.get("dml")([torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 0.0]])], torch.tensor([0]))
-    assert got.loss.item() == pytest.approx(want, abs=1e-6)
+    f64 = torch.float64
+    got = O.get("dml")([torch.tensor([[0.0, 0.0]], dtype=f64), torch.tensor([[1.0, 0.0]], dtype=f64)], torch.tensor([0]))
+    assert got.loss.item() == pytest.approx(want, abs=1e-12)  # float64 against math: a few ulps of a loss of ~1
 
 
 def test_dml_peers_are_detached():
@@ -280,7 +281,8 @@ def test_one_gate_gets_only_the_teacher_ce_gradient():
     with torch.no_grad():                         # away from the zero init, so the gate is not symmetric
         gate.fc.weight.normal_()
         gate.fc.bias.normal_()
-    feats = torch.randn(B, D, 3, 3)
+    gate.double()                                 # float64 throughout: both sides of each check within 1e-12
+    feats = torch.randn(B, D, 3, 3, dtype=torch.float64)
     zs = [torch.randn(B, C, dtype=torch.float64, requires_grad=True) for _ in range(H)]
     y = torch.tensor([0, 1, 2, 3])
     params = list(gate.parameters())
@@ -290,7 +292,7 @@ def test_one_gate_gets_only_the_teacher_ce_gradient():
     want = torch.autograd.grad(F.cross_entropy(sum(w[:, i:i + 1] * z for i, z in enumerate(zs)), y), params)
     for a, b in zip(got, want):
         assert a.abs().sum() > 1e-3                      # CE(y, z_t) does reach the gate
-        assert torch.allclose(a, b.to(a.dtype), atol=1e-6)
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
     # and the KL sends nothing into the teacher's heads: dL/dz_i = own CE + g_i * d CE(z_t)/dz_t + own KL
     out = one(zs, y, feats, gate)
     grads = torch.autograd.grad(out.loss, zs)
@@ -300,19 +302,21 @@ def test_one_gate_gets_only_the_teacher_ce_gradient():
         want = (F.softmax(z.detach(), 1) - F.one_hot(y, C)) / B
         want = want + w[:, i:i + 1].detach() * (F.softmax(zt, 1) - F.one_hot(y, C)) / B
         want = want + 9 * (F.softmax(z.detach() / 3, 1) - q) / (3 * B)
-        assert torch.allclose(grads[i], want, atol=1e-6)
+        assert torch.allclose(grads[i], want, rtol=0, atol=1e-12)
 
 
 def test_one_gate_pools_every_layout():
     gate = O.OneGate(4, 3)
+    # exact: exp(0) = 1 and a sum of 3 leave one rounding of 1 / 3, as in the float32 literal
     assert torch.equal(gate(torch.randn(2, 4)), torch.full((2, 3), 1 / 3))        # zero init: the plain average
     with torch.no_grad():
         gate.fc.weight.normal_()
-    x = torch.randn(2, 4, 5, 6)                                                  # NCHW
+    gate.double()  # float64: the layouts' means of 30 values sum in other orders, a few ulps, far below 1e-12
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64)                             # NCHW
     want = F.softmax(gate.fc(x.mean((2, 3))), 1)
     for feats in (x, x.permute(0, 2, 3, 1), x.flatten(2).transpose(1, 2), x.mean((2, 3))):  # NHWC, NLC, 2-D
-        assert torch.allclose(gate(feats), want, atol=1e-6)
-    assert torch.allclose(want.sum(1), torch.ones(2))
+        assert torch.allclose(gate(feats), want, rtol=0, atol=1e-12)
+    assert torch.allclose(want.sum(1), torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-12)
     with pytest.raises(HeadsurgeonError, match="OneGate"):
         gate(torch.randn(2, 7, 5, 6))
     with pytest.raises(HeadsurgeonError, match="features"):
@@ -377,9 +381,11 @@ def test_pcl_teachers_are_detached():
     pcl = O.get("pcl")
     ens = pcl.make_modules(D, H, C)
     assert isinstance(ens, O.PeerEnsemble) and pcl.feature_source == "heads" and pcl.needs_mean_logits
-    feats = [torch.randn(B, D, 2, 2) for _ in range(H)]
-    zs = [torch.randn(B, C, requires_grad=True) for _ in range(H)]
-    means = [torch.randn(B, C, requires_grad=True) for _ in range(H)]
+    ens.double()  # float64: the two gradients of CE(y, z_pe) agree to a few ulps, far below 1e-12
+    f64 = dict(dtype=torch.float64)
+    feats = [torch.randn(B, D, 2, 2, **f64) for _ in range(H)]
+    zs = [torch.randn(B, C, requires_grad=True, **f64) for _ in range(H)]
+    means = [torch.randn(B, C, requires_grad=True, **f64) for _ in range(H)]
     y = torch.tensor([0, 1, 2, 3])
     params = list(ens.parameters())
     out = pcl(zs, y, feats, ens, means)
@@ -387,7 +393,7 @@ def test_pcl_teachers_are_detached():
     assert all(g is None for g in got[len(params):])                     # nothing flows into the EMA logits
     want = torch.autograd.grad(F.cross_entropy(ens(feats), y), params)   # the ensemble learns from CE(y, z_pe) only
     for a, b in zip(got, want):
-        assert a.abs().sum() > 1e-3 and torch.allclose(a, b, atol=1e-6)
+        assert a.abs().sum() > 1e-3 and torch.allclose(a, b, rtol=0, atol=1e-12)
     with pytest.raises(HeadsurgeonError, match="num_classes"):
         pcl.make_modules(D, H)
     with pytest.raises(HeadsurgeonError, match="temporal-mean"):
@@ -423,7 +429,7 @@ NAMES = ["cl", "dml", "one", "kdcl", "pcl"]
 def test_one_head_is_cross_entropy(name, ls):
     z, y = torch.randn(4, 6), torch.tensor([1, 2, 3, 0])
     out = _call(name, [z], y, label_smoothing=ls)
-    assert torch.equal(out.loss, F.cross_entropy(z, y, label_smoothing=ls))
+    assert torch.equal(out.loss, F.cross_entropy(z, y, label_smoothing=ls))  # one head returns that call: exact
     assert len(out.hard) == len(out.soft) == 1 and out.soft[0].item() == 0.0
 
 
@@ -467,7 +473,7 @@ def test_half_precision_logits_are_promoted(name, dtype):
     y = torch.tensor([0, 3, 4, 1])
     half = _call(name, [z.requires_grad_() for z in zs], y)
     full = _call(name, [z.float() for z in zs], y)
-    assert half.loss.dtype == torch.float32 and torch.equal(half.loss, full.loss)
+    assert half.loss.dtype == torch.float32 and torch.equal(half.loss, full.loss)  # the same float32 inputs and ops
     half.loss.backward()                                      # gradients flow back into the half-precision logits
     assert all(z.grad is not None and z.grad.dtype == dtype for z in zs)
 
@@ -477,7 +483,7 @@ def test_one_gate_weights_in_half_precision_are_promoted():
     g = torch.tensor(G10, dtype=torch.bfloat16)
     got = O.get("one").from_weights(zs, y, g)
     assert got.loss.dtype == torch.float32
-    assert torch.equal(got.loss, O.get("one").from_weights(zs, y, g.float()).loss)
+    assert torch.equal(got.loss, O.get("one").from_weights(zs, y, g.float()).loss)  # the same float32 inputs and ops
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -16,7 +16,7 @@ from headsurgeon import train as T
 from headsurgeon.models import model_from_spec
 from headsurgeon.pipeline import collapse_dir
 from headsurgeon.tree import HeadTree
-from headsurgeon.verify import eval_mode
+from headsurgeon.verify import eval_mode, tolerance
 
 from test_train import _recipe, folder  # noqa: F401  (the tiny image-folder fixture)
 from test_train_parity import _kill_mid_epoch
@@ -81,19 +81,20 @@ def test_best_is_the_temporal_mean_and_collapse_exports_it(runs, tmp_path):
     assert any(not torch.equal(best[k], live[k]) for k in best)    # not the live weights
     head = s["best_head"]
     exported, _ = collapse_dir(out, None, tmp_path / "export", log=_quiet)
-    model = timm.create_model(f"local-dir:{exported}", pretrained=True).eval()
-    x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    ema_tree, live_tree = _ema_tree(out), HeadTree.load(out / "last").eval()
+    # float64 on both sides (the float32 weights convert exactly): 84 ulps of the largest logit, verify.tolerance
+    model = timm.create_model(f"local-dir:{exported}", pretrained=True).double().eval()
+    x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ema_tree, live_tree = _ema_tree(out).double(), HeadTree.load(out / "last").double().eval()
     with torch.no_grad():
         got, want, other = model(x), ema_tree(x)[head], live_tree(x)[head]
-    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    assert torch.allclose(got, want, atol=tolerance(want, in_dtype=True), rtol=0)
     assert not torch.allclose(got, other, atol=1e-3)               # the test can tell the two apart
 
 
 def test_pcl_resumes_bit_identically(runs):
     straight, resumed = runs / "straight", runs / "resumed"
     assert {"ema.safetensors", "objective.safetensors"} <= {p.name for p in (runs / "one" / "last").iterdir()}
-    for name in ("tree.safetensors", "ema.safetensors", "objective.safetensors"):
+    for name in ("tree.safetensors", "ema.safetensors", "objective.safetensors"):  # same process, same ops: exact
         a, b = _load(straight, name), _load(resumed, name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     drop = lambda m: {k: v for k, v in m.items() if k != "time_s"}  # noqa: E731
@@ -170,6 +171,8 @@ def test_one_step_loss_is_pcl_of_the_trees_features_logits_and_temporal_mean(fol
         want = O.get("pcl").from_teachers(logits, y, ens(feats), means).loss
         # the same numbers from the wrong inputs differ: the live tree's logits as the temporal mean
         wrong = O.get("pcl").from_teachers(logits, y, ens(feats), logits).loss
+    # float32 (the step's precision) against the same ops in float32: at most a reordered sum, a few ulps
+    # (a float64 reference is 1 ulp off); 1e-5 = 84 ulps, as verify.tolerance; the wrong inputs move it > 1e-3
     assert seen["loss"].item() == pytest.approx(want.item(), rel=1e-5)
     assert abs(wrong.item() - want.item()) > 1e-3
 
@@ -192,7 +195,7 @@ def test_temporal_mean_follows_the_reimplementations_warm_up():
                 tree.weight.fill_(float(k + 1))
             ema.update(tree, step=k)
             seen.append(ema.module.weight.item())
-        assert seen == pytest.approx(want, rel=1e-6)
+        assert seen == pytest.approx(want, rel=1e-6)  # float32 EMA: <= 1 ulp per update, 4 updates: < 5e-7
     assert T.temporal_mean(tree, O.get("cl")) is None and T.temporal_mean(tree, O.get("cl"), 0.9).decay == 0.9
 
 
@@ -204,6 +207,7 @@ def test_head_features_are_each_classifiers_input(folder, tmp_path):  # noqa: F8
         outs = run.tree(x)
         for j in range(run.tree.num_heads):
             assert run.task.features[j].shape == (2, 64)
+            # exact: the classifier's own op on the very tensor the forward fed it
             assert torch.equal(run.tree.classifier(j)(run.task.features[j]), outs[j])
         run.ema.module(x)  # the temporal mean is a copy made before the hooks: it leaves nothing there
     assert isinstance(run.modules, O.PeerEnsemble) and run.modules.widths == [64] * 4

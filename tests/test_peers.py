@@ -18,6 +18,8 @@ from headsurgeon.objectives import get
 from headsurgeon.tree import Peer
 from headsurgeon.verify import max_abs_diff
 
+# `== 0` below: a head's graph (or a reload) runs its eager model's ops on the same input in this process,
+# so the same kernels: exact on any processor.
 NARROW = {"channels": [8, 16, 32, 64], "stem_width": 8}
 MODELS = ["resnet10t", "mobilenetv3_small_050"]
 SIZE = (3, 32, 32)

@@ -95,7 +95,7 @@ def test_resume_gives_the_same_weights_as_one_straight_run(folder, tmp_path):
     b1 = T.train(flat, output=str(parts), stop_after=1, log=lambda m: None)
     assert not b1["finished"] and b1["epochs_done"] == 1
     b = T.train(flat, output=str(parts), resume=True, log=lambda m: None)
-    wa, wb = _weights(straight), _weights(parts)
+    wa, wb = _weights(straight), _weights(parts)  # exact: the same ops in one process, so the same kernels
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     sa = torch.load(straight / "last" / "state.pt", weights_only=True)
     sb = torch.load(parts / "last" / "state.pt", weights_only=True)
@@ -127,6 +127,8 @@ def test_collapse_run_dir_matches_reported_test_accuracy(folder, tmp_path, monke
         for x, y in loader:
             correct += (model(x).argmax(1) == y).sum().item()
             n += len(y)
+    # exact: the collapsed model runs the head's ops (the same logits, the same argmax), and the run's
+    # percentage is count * 100 / n in float64 too
     assert 100 * correct / n == s["heads"][s["best_head"]]["test_top1"]
     r = CliRunner().invoke(main, ["collapse", s["run"], "--head", "3", "-o", "h3"])
     assert r.exit_code == 0 and (tmp_path / "h3" / "model.safetensors").is_file(), r.output

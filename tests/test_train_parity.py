@@ -24,20 +24,21 @@ def test_mixup_targets_and_hard_term_by_hand():
     mixup = T.mixup_for(recipe, 5)
     assert mixup is not None and T.objective_for(recipe).label_smoothing == 0.0  # smoothing moves into the targets
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(4, 3, 8, 8, generator=g)
+    x = torch.rand(4, 3, 8, 8, generator=g, dtype=torch.float64)  # float64: the images' checks within 1e-12
     y = torch.tensor([0, 3, 1, 4])
     np.random.seed(1)
     xm, t = mixup(x.clone(), y)
     lam = ((xm - x.flip(0)) / (x - x.flip(0)))[0, 0, 0, 0].item()  # x' = lam x + (1 - lam) x.flip(0)
-    torch.testing.assert_close(xm, lam * x + (1 - lam) * x.flip(0))
+    torch.testing.assert_close(xm, lam * x + (1 - lam) * x.flip(0), rtol=0, atol=1e-12)
     smooth = lambda c: torch.full((5,), 0.1 / 5).index_fill(0, torch.tensor([c]), 0.9 + 0.1 / 5)  # noqa: E731
     by_hand = torch.stack([lam * smooth(int(a)) + (1 - lam) * smooth(int(b)) for a, b in zip(y, y.flip(0))])
+    # timm's targets are float32 whatever x is: two roundings of values <= 1, far inside float32's rtol 1.3e-6
     torch.testing.assert_close(t, by_hand)
-    z = [torch.randn(4, 5, generator=g) for _ in range(2)]
+    z = [torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(2)]
     out = T.objective_for(recipe)(z, t)
-    for i in range(2):
-        hard = -(by_hand * F.log_softmax(z[i], 1)).sum(1).mean()
-        torch.testing.assert_close(out.hard[i], hard)
+    for i in range(2):  # float64 logits (the targets are cast): a sum of 5 terms of ~1 within 1e-12
+        hard = -(t.double() * F.log_softmax(z[i], 1)).sum(1).mean()
+        torch.testing.assert_close(out.hard[i], hard, rtol=0, atol=1e-12)
 
 
 def test_without_mixup_the_objective_sees_the_labels_unchanged():
@@ -67,8 +68,11 @@ def test_accumulated_micro_batches_update_like_one_batch(folder, tmp_path):  # n
     start = T.tree_for(_recipe(folder, *VIT, "data.batch_size=6"), 3).state_dict()
     moved = max((wa[k] - start[k]).abs().max().item() for k in wa)
     assert moved > 1e-3  # the updates are real
+    # float32 (a training run): each step's gradient (one mean of 6, or two means of 3 summed) differs by a few
+    # ulps of |g| <= 0.5 (clipped); over 6 momentum steps (<= 1/(1-0.9) = 10x) at lr 0.05 each ulp adds up to
+    # 6 * 0.05 * 10 * 0.5 * eps32 = 1.8e-7: atol 1e-6 for ~5 (1.1e-8 seen); 6 updates round w by <= 3 eps32 |w|
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-6)
     assert a["epochs_done"] == b["epochs_done"] == 1
 
 
@@ -138,7 +142,7 @@ def test_killed_mid_epoch_resumes_bit_identical(folder, tmp_path, kill_epoch):  
 
     sets = ["data.mixup=0.2", "data.reprob=0.25", "recovery_interval=1", "epochs=2", "data.batch_size=4", "ema=0.9"]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the subprocess runs on 1 thread too: the same float reduction order
+    torch.set_num_threads(1)  # the subprocess runs on 1 thread too (and this environment's ISA): the same kernels
     try:
         straight = tmp_path / "straight"
         T.train(_recipe(folder, *sets), output=str(straight), log=_quiet)

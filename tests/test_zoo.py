@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import headsurgeon as hs
-from headsurgeon.verify import max_abs_diff
+from headsurgeon.verify import max_abs_diff, tolerance
 
 # (name, input side, extra create kwargs). Small inputs where the model allows; a few big
 # architectures are shrunk through kwargs (the kwargs travel in model_args, so collapse rebuilds them).
@@ -73,12 +73,14 @@ def test_zoo_split_train_collapse(name, size, kw):
     at = [f["module"] for f in model.feature_info][-2:]
     x = torch.randn(4, *insz)
 
-    # Copied branches: every head is the eager model.
+    # Copied branches: every head is the eager model. In float32, as users and the coverage sweep run these
+    # families (in float64 some keep parts in float32: sapiens2's RoPE tables), within verify.tolerance:
+    # 84 float32 ulps of the largest logit (at least 1), as split's own check.
     copy_tree = hs.split(model, at=at, heads=4, branch_init="copy", input_size=insz).eval()
     with torch.no_grad():
         ref = model.eval()(x)
         for out in copy_tree(x):
-            assert max_abs_diff(out, ref) <= 1e-5
+            assert max_abs_diff(out, ref) <= tolerance(ref)
 
     # Independent branches: one training step, then every head collapses exactly.
     tree = hs.split(model, at=at, heads=4, branch_init="independent", seed=1, input_size=insz)
@@ -95,4 +97,4 @@ def test_zoo_split_train_collapse(name, size, kw):
         for h in range(4):
             collapsed = hs.collapse(tree, h)
             assert type(collapsed) is type(model)
-            assert max_abs_diff(collapsed(x), outs[h]) <= 1e-5
+            assert max_abs_diff(collapsed(x), outs[h]) <= tolerance(outs[h])
