@@ -48,7 +48,7 @@ test-timm-floor: $(STAMP)
 		tests/test_train.py::test_train_writes_metrics_summary_checkpoints_and_curves
 
 # The core files on each processor tier the CPU libraries can be capped to, with 1 and 2 threads: a
-# tolerance tuned on one machine must hold on others (issue 27). Not part of `make test` (about 10 min a run).
+# tolerance tuned on one machine must hold on others (issue 27). Not part of `make test` (8 runs, 2-12 min each).
 # What changes results: oneDNN's ISA (torch's CPU convolutions), ATen's own kernels (reductions, softmax,
 # batch norm, and torch.randn: the AVX2 build draws normals another way than the default and AVX512 ones),
 # MKL's GEMM branch, the thread count. MKL ignores MKL_ENABLE_INSTRUCTIONS on AMD processors, where

@@ -415,14 +415,15 @@ class HeadTree(nn.Module):
         """
         path = self.path(head)  # validates the index
         model = models.model_from_spec(self.spec, head)
+        p = next(iter(self.parameters()))
+        model.to(device=p.device, dtype=p.dtype)  # before the load: a float64 tree's weights are not rounded to float32
         try:
             model.load_state_dict(self.head_state_dict(head), strict=True)
         except RuntimeError as e:
             lines = str(e).splitlines()
             raise HeadsurgeonError(f"head {head} (path {path}) does not load into {self.spec.peer(head).architecture}: "
                                    f"{lines[1 if len(lines) > 1 else 0][:300]}") from None
-        p = next(iter(self.parameters()))
-        model.to(device=p.device, dtype=p.dtype).eval()
+        model.eval()
         x = probe if probe is not None else verify.probe(self.spec.input_size or (3, 224, 224), 1234, self)
         verify.check_collapsed(self, head, model, x, atol)
         return model
