@@ -223,16 +223,11 @@ def _fit(run: Path, recipe: dict[str, Any]) -> dict[str, Any]:
     augmentation: top-1 against the noisy labels it was trained on, against the true labels, and on
     the flipped images the share predicted as their wrong (noisy) label ('memorised') or their true
     label ('corrected'). Mean over heads."""
-    import safetensors.torch
     import torch
 
     from headsurgeon import data as D
-    from headsurgeon.rundir import EMA_FILE
-    from headsurgeon.tree import HeadTree
 
-    tree = HeadTree.load(run / "last").eval()
-    if (run / "last" / EMA_FILE).is_file():  # the weights the run evaluates (pcl: its temporal mean), not the live ones
-        safetensors.torch.load_model(tree, str(run / "last" / EMA_FILE))
+    tree = _evaluated_tree(run, "last")
     sp = D.splits(recipe)
     tr = sp.train
     clean = D.View(tr.base, tr.indices)
@@ -256,56 +251,49 @@ def _fit(run: Path, recipe: dict[str, Any]) -> dict[str, Any]:
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
 
 
-def _predict(run: Path, recipe: dict[str, Any], sub: str) -> Any:
-    """Every head's test logits [heads, N, classes] from the checkpoint in ``run/sub`` (best/ holds the
-    evaluated weights; last/ its EMA where the run has one), in test-set order."""
+def _evaluated_tree(run: Path, sub: str) -> Any:
+    """The tree in ``run/sub`` with the weights the run evaluates: best/ holds them; last/ holds the live
+    tree and, where the run has one, its EMA (pcl: its temporal mean) beside it."""
     import safetensors.torch
-    import torch
 
-    from headsurgeon import data as D
     from headsurgeon.rundir import EMA_FILE
     from headsurgeon.tree import HeadTree
 
     tree = HeadTree.load(run / sub).eval()
     if sub == "last" and (run / "last" / EMA_FILE).is_file():
         safetensors.torch.load_model(tree, str(run / "last" / EMA_FILE))
-    test = D.splits(recipe).test
-    cfg = D.data_config(recipe, tree.spec.pretrained_cfg, tree.spec.model_args.get("in_chans", 3))
-    out = []
-    with torch.no_grad():
-        for x, _ in D.loader(test, recipe, cfg, False, torch.device("cpu")):
-            out.append(torch.stack(tree(x)))
-    return torch.cat(out, 1)
+    return tree
 
 
 def _save_predictions(run: Path, recipe: Any, path: Path, head: int, keep_logits: bool) -> dict[str, Any]:
     """Test predictions of the chosen (best) and final checkpoints into ``path`` (.npz): every head's and the
-    ensemble's predicted class (McNemar, offline ensembles of heads), and, with ``keep_logits``, the chosen
-    head's logits in float16 (offline ensembles of independent single runs: the G3 ceiling)."""
+    ensemble's predicted class (McNemar, offline ensembles of heads), the test labels, and, with
+    ``keep_logits``, the chosen head's logits in float16 (offline ensembles of independent single runs: the
+    G3 ceiling)."""
     import numpy as np
     import torch
 
+    from headsurgeon import data as D
+
+    test = D.splits(recipe).test
     arrays: dict[str, Any] = {}
     for sub in ("best", "last"):
-        logits = _predict(run, recipe, sub)
-        preds = torch.cat([logits.argmax(2), logits.mean(0).argmax(1)[None]]).to(torch.uint8)
-        arrays[f"{sub}_preds"] = preds.numpy()
+        tree = _evaluated_tree(run, sub)
+        cfg = D.data_config(recipe, tree.spec.pretrained_cfg, tree.spec.model_args.get("in_chans", 3))
+        logits, labels = [], []
+        with torch.no_grad():
+            for x, y in D.loader(test, recipe, cfg, False, torch.device("cpu")):
+                logits.append(torch.stack(tree(x)))
+                labels.append(y)
+        z = torch.cat(logits, 1)  # [heads, N, classes], in test-set order
+        arrays[f"{sub}_preds"] = torch.cat([z.argmax(2), z.mean(0).argmax(1)[None]]).to(torch.uint8).numpy()
         if keep_logits:
-            arrays[f"{sub}_logits"] = logits[head].to(torch.float16).numpy()
-    labels = torch.tensor([int(t) for t in recipe_targets(recipe)], dtype=torch.uint8)
-    arrays["labels"] = labels.numpy()
+            arrays[f"{sub}_logits"] = z[head].to(torch.float16).numpy()
+        arrays["labels"] = torch.cat(labels).to(torch.uint8).numpy()
     tmp = path.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, path)
     return {"predictions": path.name}
-
-
-def recipe_targets(recipe: Any) -> list[int]:
-    from headsurgeon import data as D
-
-    test = D.splits(recipe).test
-    targets = getattr(test.base, "targets", None)
-    return [int(targets[i]) for i in test.indices]
 
 
 def run_cell(row: str, noise: float, fold: int, seed: int, settings: dict[str, Any], runs: str,
