@@ -408,22 +408,78 @@ def recipe_cmd(recipe: str | None, sets: tuple[str, ...], schema: bool, output: 
         click.echo(text, nl=False)
 
 
-@main.command("demo")
+@main.command("compare")
+@click.argument("recipe", required=False, type=click.Path())
+@click.option("--variant", "variants", multiple=True, metavar="NAME", help="A variant to compare with the single model "
+              "(repeatable or comma-separated): single, inst2, inst4, heads2, heads4, hier4, hier4-norescale, ind4, one4, "
+              "dml2, dml4, kdcl2, kdcl4, pcl4, or a name from --variants.")
+@click.option("--variants", "variants_file", default=None, type=click.Path(dir_okay=False),
+              help="YAML file of your own variants: name -> recipe overrides (a mapping of keys, or KEY=VALUE strings).")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds, comma-separated; each seed is one paired "
+              "replicate (its data order, init and noise draw are shared by every variant).")
+@click.option("--noise", default="0", show_default=True, help="Label-noise fractions of the training labels, comma-separated.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe key for every cell (repeatable).")
+@click.option("--jobs", type=int, default=1, show_default=True, help="Cells at a time (local workers: cores/jobs threads "
+              "each, one GPU each where there are several; with slurm: jobs in the queue at once).")
+@click.option("--executor", type=click.Choice(["process", "submitit-local", "slurm"]), default="process", show_default=True,
+              help="process: local worker processes; slurm: each cell a Slurm job through submitit; submitit-local: "
+                   "the same job path on this machine.")
+@click.option("--slurm-partition", default=None, help="Slurm partition of the cells' jobs.")
+@click.option("--slurm-gpus", type=int, default=None, help="GPUs per cell's Slurm job (default 0).")
+@click.option("--slurm-cpus", type=int, default=None, help="CPUs per cell's job (default 4).")
+@click.option("--slurm-time", type=int, default=None, metavar="MINUTES", help="Time limit per cell's job (default 1440).")
 @click.option("-o", "--output", default=None, type=click.Path(file_okay=False),
-              help="Where the two runs, the collapsed model and demo.png go (default runs/demo-<time>; must be empty or absent).")
-@click.option("--epochs", type=int, default=None, help="Epochs for both runs (default 40, as in the study behind the demo).")
+              help="Study folder (default runs/compare-<time>); rerun into it to add seeds or variants.")
+@click.option("--report", "report_only", is_flag=True, help="Re-print the report of the study folder given as the argument.")
 @_one_line_errors
-def demo_cmd(output: str, epochs: int | None) -> None:
-    """The main job on the embedded digits data, in the setup the evidence in docs/paper.md favours:
-    4 independent instances of a small timm ResNet trained collaboratively with 20 % label noise vs
-    the single model with the same budget (one progress bar each); collapse the head chosen by
-    validation, reload it with timm in a fresh process; a table with each test accuracy's standard
-    error and whether the difference is resolved, a plot (demo.png) and the command to push it."""
+def compare_cmd(recipe: str | None, variants: tuple[str, ...], variants_file: str | None, seeds: str, noise: str,
+                sets: tuple[str, ...], jobs: int, executor: str, slurm_partition: str | None, slurm_gpus: int | None,
+                slurm_cpus: int | None, slurm_time: int | None, output: str | None, report_only: bool) -> None:
+    """Does collaborative training help on RECIPE's data, by how much, ± what? Train the single model and
+    every --variant with the same data order, noise draw and budget, one cell per (variant, noise, seed);
+    report the paired gain ± SE of the deployed head, the final epoch and the ensemble, McNemar on the test
+    predictions, the regime the single model's fit implies, and the collapse command for the winner.
+    Resumable: a rerun runs only missing (or failed) cells. `headsurgeon compare DIR --report` re-prints."""
     import time
 
-    from .pipeline import demo
+    from .compare import compare, write_report
 
-    demo(output or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}", epochs=epochs, log=click.echo)
+    if report_only:
+        if not recipe or output or variants or variants_file or sets:
+            raise HeadsurgeonError("--report re-prints a finished study: give only its folder, `headsurgeon compare DIR --report`")
+        write_report(recipe, log=click.echo)
+        return
+    names = [v.strip() for item in variants for v in item.split(",") if v.strip()]
+    if not names:
+        raise HeadsurgeonError("name at least one --variant to compare with the single model, e.g. --variant hier4 "
+                               "(built-in: single, inst2, inst4, heads2, heads4, hier4, hier4-norescale, ind4, one4, "
+                               "dml2, dml4, kdcl2, kdcl4, pcl4)")
+    slurm = {"partition": slurm_partition, "gpus": slurm_gpus, "cpus": slurm_cpus, "timeout_min": slurm_time}
+    if executor != "slurm" and any(v is not None for v in slurm.values()):
+        raise HeadsurgeonError("--slurm-* options are for --executor slurm")
+    res = compare(recipe, names, output or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}", seeds=seeds, noise=noise,
+                  sets=sets, variants_file=variants_file, jobs=jobs, executor=executor, slurm=slurm, log=click.echo)
+    click.echo(res["text"], nl=False)
+
+
+@main.command("demo")
+@click.option("-o", "--output", default=None, type=click.Path(file_okay=False),
+              help="Where the study, the collapsed model and the plot go (default runs/demo-<time>; must be empty or absent).")
+@click.option("--epochs", type=int, default=None, help="Epochs of every cell (default 40, as in the study behind the demo).")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Paired seeds (each trains the single model and the 4 instances).")
+@_one_line_errors
+def demo_cmd(output: str, epochs: int | None, seeds: str) -> None:
+    """The main job on the embedded digits data, in the setup the evidence in docs/paper.md favours:
+    `headsurgeon compare` of 4 independent instances of a small timm ResNet trained collaboratively
+    against the single model, 20 % label noise, over paired seeds; the paired gain ± SE, McNemar and a
+    plot; the winner's validation-chosen head collapsed, reloaded with timm in a fresh process, and the
+    command to push it."""
+    import time
+
+    from .compare import parse_seeds
+    from .demo import demo
+
+    demo(output or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}", epochs=epochs, seeds=parse_seeds(seeds), log=click.echo)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -698,15 +698,20 @@ def parse_set(pairs: Sequence[str]) -> dict[str, Any]:
     return flatten(nest(out), "--set")
 
 
-def read(path: str | Path, where: str | None = None) -> dict[str, Any]:
-    """A recipe file's own keys, flat (no defaults)."""
+def read_yaml(path: str | Path, what: str = "recipe", hint: str = "see recipes/ for examples") -> Any:
+    """A YAML file through the recipe's bounded loader (alias bombs, deep nesting refused): one line on error."""
     p = Path(path)
     if not p.is_file():
-        raise HeadsurgeonError(f"recipe '{path}' does not exist; see recipes/ for examples")
+        raise HeadsurgeonError(f"{what} '{path}' does not exist; {hint}")
     try:
-        data = _yaml(p.read_text())
+        return _yaml(p.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise HeadsurgeonError(f"recipe '{path}' is not valid YAML: {' '.join(str(e).split())[:200]}") from None
+        raise HeadsurgeonError(f"{what} '{path}' is not valid YAML: {' '.join(str(e).split())[:200]}") from None
+
+
+def read(path: str | Path, where: str | None = None) -> dict[str, Any]:
+    """A recipe file's own keys, flat (no defaults)."""
+    data = read_yaml(path)
     if data is None:  # an empty file is a mistake (or a truncated copy), not a request for the defaults
         raise HeadsurgeonError(f"recipe '{path}' is empty: give it keys (recipes/ has examples), or leave the recipe "
                                f"out to train the built-in digits defaults")
