@@ -78,26 +78,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from headsurgeon import compare as C  # noqa: E402  (the study is a client of `headsurgeon compare`)
+
+# Every row is a `headsurgeon compare` variant resolved for resnet10t (its last two feature_info stages are
+# layer3 and layer4); ls and pcl4-d99 add one key to a variant. A variant sets the whole split and the
+# objective (split.fanout=null, split.rescale=true, loss.objective=cl where the row used the defaults), so the
+# digits defaults give every row exactly the recipe it had before the rows came from compare.
+_PAPER_ONLY = {"ls": ("single", ["loss.label_smoothing=0.05"]), "pcl4-d99": ("pcl4", ["loss.ema_decay=0.99"])}
+_ORDER = ("single", "ls", "inst2", "inst4", "heads2", "hier4", "hier4-norescale", "dml4", "one4", "kdcl4", "pcl4",
+          "pcl4-d99", "heads4", "ind4", "dml2", "kdcl2")
 ROWS: dict[str, list[str]] = {
-    "single": ["split.at=[]", "split.heads=1"],
-    "ls": ["split.at=[]", "split.heads=1", "loss.label_smoothing=0.05"],
-    "inst2": ["split.at=[input]", "split.heads=2"],
-    "inst4": ["split.at=[input]", "split.heads=4"],
-    "heads2": ["split.at=[layer3]", "split.heads=2"],
-    "hier4": ["split.at=[layer3, layer4]", "split.heads=4", "split.fanout=[2, 2]"],
-    "hier4-norescale": ["split.at=[layer3, layer4]", "split.heads=4", "split.fanout=[2, 2]", "split.rescale=false"],
-    # the objectives (issue 12); new rows only add cells: the rows above and their cell keys never change
-    "dml4": ["split.at=[input]", "split.heads=4", "loss.objective=dml"],
-    "one4": ["split.at=[layer3]", "split.heads=4", "loss.objective=one"],
-    "kdcl4": ["split.at=[layer3, layer4]", "split.heads=4", "split.fanout=[2, 2]", "loss.objective=kdcl"],
-    "pcl4": ["split.at=[layer3]", "split.heads=4", "loss.objective=pcl"],
-    "pcl4-d99": ["split.at=[layer3]", "split.heads=4", "loss.objective=pcl", "loss.ema_decay=0.99"],
-    "heads4": ["split.at=[layer3]", "split.heads=4"],
-    # the long-schedule study (issue 28): Ind separates multi-head training from the consensus term
-    "ind4": ["split.at=[layer3, layer4]", "split.heads=4", "split.fanout=[2, 2]", "loss.beta=1.0"],
-    "dml2": ["split.at=[input]", "split.heads=2", "loss.objective=dml"],
-    "kdcl2": ["split.at=[input]", "split.heads=2", "loss.objective=kdcl"],
-}
+    r: (C.builtin_sets(_PAPER_ONLY[r][0], "layer3", "layer4") + _PAPER_ONLY[r][1] if r in _PAPER_ONLY
+        else C.builtin_sets(r, "layer3", "layer4")) for r in _ORDER}
 OBJECTIVE_ROWS = ("dml4", "one4", "kdcl4", "pcl4", "pcl4-d99", "heads4", "ind4", "dml2", "kdcl2")
 GRID_ROWS = [r for r in ROWS if r not in OBJECTIVE_ROWS]  # the default --rows: the paper's table
 LABELS = {"single": "Single instance", "ls": "Label smoothing (0.05)", "inst2": "2 instances", "inst4": "4 instances",
@@ -210,12 +202,10 @@ def _rank(values: list[float], i: int) -> float:
 
 
 def _heads_at(row_metrics: dict[str, Any]) -> dict[str, Any]:
-    val = [h["top1"] for h in row_metrics["val"]["heads"]]
-    test = [h["top1"] for h in row_metrics["test"]["heads"]]
-    chosen = max(range(len(val)), key=lambda h: val[h])  # the engine's rule: first head with the best val top-1
-    return {"chosen": chosen, "deployed": test[chosen], "ensemble": row_metrics["test"]["ensemble"]["top1"],
-            "mean_head": statistics.fmean(test), "best_head": max(test), "worst_head": min(test),
-            "chosen_rank": _rank(test, chosen), "heads_test": test, "heads_val": val}
+    """compare's per-row accuracies plus the chosen head's rank on test (the head-choice table)."""
+    out = C.heads_at(row_metrics)
+    out["chosen_rank"] = _rank(out["heads_test"], out["chosen"])
+    return out
 
 
 def _fit(run: Path, recipe: dict[str, Any]) -> dict[str, Any]:
@@ -227,7 +217,7 @@ def _fit(run: Path, recipe: dict[str, Any]) -> dict[str, Any]:
 
     from headsurgeon import data as D
 
-    tree = _evaluated_tree(run, "last")
+    tree = C.evaluated_tree(run, "last")
     sp = D.splits(recipe)
     tr = sp.train
     clean = D.View(tr.base, tr.indices)
@@ -251,51 +241,6 @@ def _fit(run: Path, recipe: dict[str, Any]) -> dict[str, Any]:
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
 
 
-def _evaluated_tree(run: Path, sub: str) -> Any:
-    """The tree in ``run/sub`` with the weights the run evaluates: best/ holds them; last/ holds the live
-    tree and, where the run has one, its EMA (pcl: its temporal mean) beside it."""
-    import safetensors.torch
-
-    from headsurgeon.rundir import EMA_FILE
-    from headsurgeon.tree import HeadTree
-
-    tree = HeadTree.load(run / sub).eval()
-    if sub == "last" and (run / "last" / EMA_FILE).is_file():
-        safetensors.torch.load_model(tree, str(run / "last" / EMA_FILE))
-    return tree
-
-
-def _save_predictions(run: Path, recipe: Any, path: Path, head: int, keep_logits: bool) -> dict[str, Any]:
-    """Test predictions of the chosen (best) and final checkpoints into ``path`` (.npz): every head's and the
-    ensemble's predicted class (McNemar, offline ensembles of heads), the test labels, and, with
-    ``keep_logits``, the chosen head's logits in float16 (offline ensembles of independent single runs: the
-    G3 ceiling)."""
-    import numpy as np
-    import torch
-
-    from headsurgeon import data as D
-
-    test = D.splits(recipe).test
-    arrays: dict[str, Any] = {}
-    for sub in ("best", "last"):
-        tree = _evaluated_tree(run, sub)
-        cfg = D.data_config(recipe, tree.spec.pretrained_cfg, tree.spec.model_args.get("in_chans", 3))
-        logits, labels = [], []
-        with torch.no_grad():
-            for x, y in D.loader(test, recipe, cfg, False, torch.device("cpu")):
-                logits.append(torch.stack(tree(x)))
-                labels.append(y)
-        z = torch.cat(logits, 1)  # [heads, N, classes], in test-set order
-        arrays[f"{sub}_preds"] = torch.cat([z.argmax(2), z.mean(0).argmax(1)[None]]).to(torch.uint8).numpy()
-        if keep_logits:
-            arrays[f"{sub}_logits"] = z[head].to(torch.float16).numpy()
-        arrays["labels"] = torch.cat(labels).to(torch.uint8).numpy()
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
-    return {"predictions": path.name}
-
-
 def run_cell(row: str, noise: float, fold: int, seed: int, settings: dict[str, Any], runs: str,
              keep_runs: bool) -> dict[str, Any]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -304,17 +249,12 @@ def run_cell(row: str, noise: float, fold: int, seed: int, settings: dict[str, A
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     warnings.filterwarnings("ignore")
     from headsurgeon import recipe as R
-    from headsurgeon.train import STATE_FILE, train
 
     sets = overrides(row, noise, fold, seed, settings)
     flat, _ = R.load(None, sets)
     run = Path(runs) / f"{row}-n{noise:g}-f{fold}-s{seed}"
-    resume = (run / "last" / STATE_FILE).is_file()
-    if run.exists() and not resume:
-        shutil.rmtree(run)
     t0 = time.time()
-    with open(run.parent / f".{run.name}.log", "a") as logf:
-        summary = train(flat, name=row, output=str(run), resume=resume, log=lambda m: print(m, file=logf, flush=True))
+    summary = C.train_cell(flat, run, row, run.parent / f".{run.name}.log")
     wall = time.time() - t0
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     best = _heads_at(history[summary["best_epoch"] - 1])
@@ -342,7 +282,8 @@ def run_cell(row: str, noise: float, fold: int, seed: int, settings: dict[str, A
                                               if h["fit"]["memorised"] else None)} for h in history if "fit" in h]
         preds = Path(runs).parent / "predictions"
         preds.mkdir(exist_ok=True)
-        result.update(_save_predictions(run, flat, preds / f"{run.name}.npz", summary["best_head"], row == "single"))
+        result.update(C.save_predictions(run, flat, preds / f"{run.name}.npz",
+                                         summary["best_head"] if row == "single" else None))
     if not keep_runs:
         for sub in ("best", "last"):
             shutil.rmtree(run / sub, ignore_errors=True)
@@ -356,7 +297,8 @@ def _mean_sd(xs: list[float]) -> tuple[float, float]:
 
 
 def _se(xs: list[float]) -> float:
-    return statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
+    v = C.se(xs)
+    return float("nan") if v is None else v
 
 
 def _pm(m: float, s: float, d: int = 2) -> str:

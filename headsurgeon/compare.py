@@ -168,7 +168,7 @@ def _atomic_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
-def _heads_at(row: Mapping[str, Any]) -> dict[str, Any]:
+def heads_at(row: Mapping[str, Any]) -> dict[str, Any]:
     """Accuracies of one metrics row: the validation-chosen head (the engine's rule, first best), the mean
     head, the ensemble."""
     val = [h["top1"] for h in row["val"]["heads"]]
@@ -267,8 +267,8 @@ def run_cell(study: str, cell: Cell, sets: list[str], threads: int | None = None
             history = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
             evaluated = [h for h in history if "test" in h]
             fits = [h["fit"] for h in history if "fit" in h]
-            best = _heads_at(history[summary["best_epoch"] - 1])
-            final = _heads_at(evaluated[-1])
+            best = heads_at(history[summary["best_epoch"] - 1])
+            final = heads_at(evaluated[-1])
             result = {**base, "status": "ok", "run": str(Path("runs") / cell.key), "heads": len(summary["heads"]),
                       "n_test": summary["samples"]["test"], "samples": summary["samples"],
                       "flipped": summary["label_noise"]["flipped"], "epochs": flat.epochs,
