@@ -710,10 +710,11 @@ def regime(cells: list[dict[str, Any]], noise: float) -> dict[str, Any] | None:
         return None
     fit = [c["fit_last"]["noisy"] if c.get("fit_last") else c["train_top1_last"] for c in single]
     test = [c["final"]["deployed"] for c in single]
+    val = [c["final"]["deployed_val"] for c in single]
     gap = statistics.fmean(fit) - statistics.fmean(test)
     out = {"train_fit": statistics.fmean(fit), "fit_is": "un-augmented fit" if single[0].get("fit_last") else
-           "augmented training accuracy", "test_final": statistics.fmean(test), "gap": gap,
-           "predicted_gain": (0.12 * gap, 0.16 * gap)}
+           "augmented training accuracy", "test_final": statistics.fmean(test), "val_final": statistics.fmean(val),
+           "gap": gap, "val_gap": statistics.fmean(fit) - statistics.fmean(val), "predicted_gain": (0.12 * gap, 0.16 * gap)}
     mem = [c["fit_last"]["memorised"] for c in single if c.get("fit_last") and c["fit_last"].get("memorised") is not None]
     if mem:
         out["memorised"] = statistics.fmean(mem)
@@ -776,9 +777,10 @@ def report_text(s: Mapping[str, Any]) -> str:
             ens = [(v, r["gain_ensemble"]) for v, r in rows.items() if r.get("gain_ensemble") is not None]
             ceiling = max(ens, key=lambda t: t[1]) if ens else None
             lines += ["", f"Regime: the single model ends at {rg['train_fit']:.2f} % on its training labels "
-                          f"({rg['fit_is']}) and {rg['test_final']:.2f} % on test: a generalisation gap of "
-                          f"{rg['gap']:.2f} pp" + (f"; it memorised {rg['memorised']:.1f} % of the flipped labels"
-                                                    if rg.get("memorised") is not None else "") + "."]
+                          f"({rg['fit_is']}), {rg['val_final']:.2f} % on validation and {rg['test_final']:.2f} % on "
+                          f"test: a train − validation gap of {rg['val_gap']:.2f} pp, a generalisation gap (train − "
+                          f"test) of {rg['gap']:.2f} pp" + (f"; it memorised {rg['memorised']:.1f} % of the flipped "
+                                                            f"labels" if rg.get("memorised") is not None else "") + "."]
             small = (" The gap is small: little to gain here; long schedules, little data and noisy labels are "
                      "where collaborative training has paid off.")
             lines.append("Rule 1 (gains are ≈ 12-16 % of the gap, regime.md §1): " +

@@ -219,3 +219,15 @@ def test_parallel_workers_and_submitit_give_the_serial_results(study, tmp_path):
         assert set(got) == {"single-n0-s0", "inst2-n0-s0"}
         for k, c in got.items():
             assert c["best"] == serial[k]["best"] and c["final"] == serial[k]["final"], (executor, k)
+
+
+def test_the_docs_variants_file_plans(tmp_path):
+    """docs/compare.md's variants.yaml is valid over the embedded recipe: each variant loads and its tree builds."""
+    import re
+
+    text = (Path(__file__).parents[1] / "docs" / "compare.md").read_text()
+    block = re.search(r"```yaml\n# variants.yaml\n(.*?)```", text, re.S).group(1)
+    vf = tmp_path / "variants.yaml"
+    vf.write_text(block)
+    _, sets = C.plan(None, ["wide-one", "ls", "peers"], ["data.img_size=32"], vf)
+    assert set(sets) == {"single", "wide-one", "ls", "peers"} and "loss.label_smoothing=0.1" in sets["ls"]
