@@ -449,7 +449,7 @@ def profile(names: list[str], big: float, copy_above: float) -> None:
     import torch
 
     import headsurgeon as hs
-    from headsurgeon import models, tree, verify
+    from headsurgeon import models, segments, tree, verify
 
     torch.set_num_threads(1)
     times: dict[str, float] = {}
@@ -470,11 +470,11 @@ def profile(names: list[str], big: float, copy_above: float) -> None:
     mod = sys.modules[__name__]
     wrap(mod, "smallest_input", "input probe (meta device)")
     wrap(models, "source", "split: create the model")
-    wrap(tree, "trace", "split: trace train + eval")
+    wrap(segments, "trace", "split: trace train + eval")
     wrap(verify, "check_against_eager", "split: eager vs traced vs cut, both modes")
     wrap(hs, "split", "split")
     wrap(tree.HeadTree, "collapse", "collapse every head (create + strict load + logit check)")
-    wrap(models, "model_from_spec", "of all the above: fresh instances (independent draws + collapse)")
+    wrap(models, "model_from_peer", "of all the above: fresh instances (independent draws + collapse)")
     out = json.loads(PROFILE.read_text()) if PROFILE.exists() else {}
     try:
         for name in names:

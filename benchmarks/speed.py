@@ -207,7 +207,7 @@ def bench_model(name: str, at: list[str], heads: int, args) -> dict:
         "tree simple": hs.split(base, at=at[:1], heads=heads, branch_init="copy", verify=False, input_size=size),
         "hand simple": HandTree(copy.deepcopy(base), at[:1], [heads]),
         "tree hierarchical": hs.split(base, at=at, heads=heads, branch_init="copy", verify=False, input_size=size),
-        "hand hierarchical": HandTree(copy.deepcopy(base), at, hs.tree.default_fanout(heads, len(at))),
+        "hand hierarchical": HandTree(copy.deepcopy(base), at, hs.surgery.default_fanout(heads, len(at))),
     }
     steps, flops, mem = {}, {}, {}
     g = torch.Generator().manual_seed(0)

@@ -1,10 +1,12 @@
 """headsurgeon: collaborative learning (Song & Chai, NeurIPS 2018) for the timm model zoo."""
-# Imported eagerly on purpose: a lazy PEP 562 ``__getattr__`` loses to the import system, which
-# rebinds ``headsurgeon.collapse`` to the submodule once anything imports ``headsurgeon.collapse``.
+# Imported eagerly on purpose. ``collapse``/``export`` live in ``exporter``: a submodule of the same
+# name would be rebound over the function by the import system once anything imported it.
 from .version import __version__
 from .errors import HeadsurgeonError
-from .tree import HeadTree, SplitSpec, split
-from .collapse import collapse, export
+from .spec import SplitSpec
+from .tree import HeadTree
+from .surgery import split
+from .exporter import collapse, export
 from .loss import collaborative_loss
 from .objectives import OBJECTIVES, LossOut, Objective, register
 from .task import CollaborativeTask, evaluate

@@ -32,7 +32,7 @@ from .storage import sha256_file
 from .version import __version__
 
 if TYPE_CHECKING:
-    from .tree import SplitSpec
+    from .spec import SplitSpec
 
 CARD_FILE = "README.md"
 VERIFIED_FILES = ("config.json", "model.safetensors")
@@ -113,7 +113,7 @@ def build_card(spec: SplitSpec, head: int, *, summary: Mapping[str, Any] | None 
     """Model card text for head ``head`` of the tree described by ``spec``.
 
     Args:
-        spec: the tree's :class:`~headsurgeon.tree.SplitSpec`.
+        spec: the tree's :class:`~headsurgeon.spec.SplitSpec`.
         head: the collapsed head.
         summary: a training run's ``summary.json``; without it the card says that no accuracies are known.
         recipe: the run's recipe, nested (``recipe.yaml``) or flat.
@@ -371,7 +371,7 @@ def _results(summary: Mapping[str, Any], head: int, reason: str | None,
 
 
 def card_writer(spec: SplitSpec, head: int, **kwargs: Any) -> Callable[[Path], str]:
-    """A callback for :func:`headsurgeon.collapse.export`: builds the card for the exported
+    """A callback for :func:`headsurgeon.exporter.export`: builds the card for the exported
     files in ``directory`` (after they are written and their reload verified), with their sha256."""
 
     def write(directory: Path) -> str:
@@ -405,7 +405,7 @@ def run_card(run_dir: str | Path, head: int, directory: str | Path, *, baseline:
              num_params: int | None = None) -> str:
     """The card of head ``head`` of training run ``run_dir`` for the export in ``directory`` (its
     files' sha256), e.g. to add a baseline to the card ``collapse`` wrote."""
-    from .tree import SplitSpec
+    from .spec import SplitSpec
 
     summary, recipe = read_run(run_dir)
     best = Path(run_dir) / ((summary or {}).get("best_dir") or "best")

@@ -210,7 +210,7 @@ def split_cmd(model: str, at: str, heads: int | None, fanout: str | None, num_cl
     """Split MODEL into a tree of heads and write it to a directory (spec.json + tree.safetensors).
     MODEL1,MODEL2,... (with --at input) makes heterogeneous peers: head i is the whole of model i."""
     from .storage import check_output, check_space
-    from .tree import split
+    from .surgery import split
 
     if pretrained and weights:
         raise HeadsurgeonError("--pretrained and --weights both give starting weights; use one of them")

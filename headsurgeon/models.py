@@ -1,8 +1,8 @@
-"""The timm side: create a model from a name or a spec, load weights, read what a spec records.
+"""The timm side: create a model from a name or a spec's peer, load weights, read what a spec records.
 
 Everything here speaks timm's language (``timm.create_model`` names including ``local-dir:``
 and ``hf-hub:``, ``pretrained_cfg``, ``_model_args``) and turns timm's failures into one-line
-:class:`HeadsurgeonError` messages. :func:`model_from_spec` is the one place a tree's model is
+:class:`HeadsurgeonError` messages. :func:`model_from_peer` is the one place a tree's model is
 rebuilt: ``HeadTree.load`` and ``collapse`` both call it.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import nn
 from .errors import HeadsurgeonError, first_line
 
 if TYPE_CHECKING:
-    from .tree import SplitSpec
+    from .spec import Peer
 
 # create_model kwargs that say where weights come from, not what the architecture is
 CREATE_ONLY = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
@@ -57,10 +57,9 @@ def create(name: str, kwargs: dict[str, Any] | None = None, pretrained: bool = F
     return model
 
 
-def model_from_spec(spec: SplitSpec, head: int = 0) -> nn.Module:
-    """A fresh ``timm.create_model(architecture, **model_args)`` of head ``head``'s model (``spec.peer(head)``:
+def model_from_peer(peer: Peer) -> nn.Module:
+    """A fresh ``timm.create_model(architecture, **model_args)`` of one head's model (``spec.peer(head)``:
     the same for every head unless the tree has heterogeneous peers), carrying its ``pretrained_cfg``."""
-    peer = spec.peer(head)
     # a spec may come from anyone: it names a registered architecture (split records one), never a source
     # that makes timm read or download something (hf-hub:, local-dir:, checkpoint_path, a pretrained_cfg overlay)
     where = set(peer.model_args) & set(CREATE_ONLY)

@@ -22,11 +22,12 @@ def collapse_dir(source: str | Path | None, head: int | None, output: str | Path
     those of the exported weights even if a kill left ``summary.json`` an epoch behind.
     """
     from .card import card_writer
-    from .collapse import export
     from .data import eval_config
+    from .exporter import export
     from .rundir import BEST, HISTORY, RECORD_FILE, RunDir
     from .storage import check_not_link, check_output, check_path_name
-    from .tree import SPEC_FILE, HeadTree, SplitSpec
+    from .spec import SPEC_FILE, SplitSpec
+    from .tree import HeadTree
 
     if source is None:
         from .rundir import RUNS, latest_run
@@ -111,7 +112,7 @@ def _stamp(directory: Path) -> tuple[int, ...]:
 def _run_or_tree(d: Path) -> str | None:
     """What ``d`` is, if it is a folder headsurgeon reads: "training run" or "head tree"."""
     from .rundir import BEST, LAST, LOCK_FILE, METRICS_FILE, RECIPE_FILE, RECOVERY, STATE_FILE, SUMMARY_FILE
-    from .tree import SPEC_FILE
+    from .spec import SPEC_FILE
 
     if (d / SPEC_FILE).is_file():
         return "head tree"

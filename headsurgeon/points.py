@@ -15,7 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .cut import INPUT, feature_points, last_index, point_names
 from .trace import has_module, trace
-from .verify import eval_mode, input_error
+from .modes import eval_mode
+from .verify import input_error
 
 
 @dataclass

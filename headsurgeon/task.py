@@ -32,8 +32,8 @@ from timm.task import TrainingTask
 
 from . import objectives as O
 from .errors import HeadsurgeonError
+from .modes import eval_mode
 from .tree import HeadTree
-from .verify import eval_mode
 
 __all__ = ["CollaborativeTask", "evaluate", "evaluate_fit", "temporal_mean"]
 

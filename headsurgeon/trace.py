@@ -24,7 +24,7 @@ from torchvision.models.feature_extraction import NodePathTracer
 from timm.layers import DropBlock2d, DropPath, Linear, PatchDropout, get_notrace_functions, get_notrace_modules
 
 from .errors import HeadsurgeonError, first_line
-from .verify import train_mode
+from .modes import train_mode
 
 # timm's Linear (nn.Linear plus a TorchScript bias cast; the classifier of MobileNetV3, GhostNet, ...) is kept
 # whole like torch's own, so a head's classifier is called as a module and a hook sees its input (PCL's features)

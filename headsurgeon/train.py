@@ -21,9 +21,10 @@ from . import tracking
 from .errors import HeadsurgeonError, first_line
 from .rundir import EMA_FILE, OBJECTIVE_FILE, RUNS, STATE_FILE, RunDir, latest_run, new_run_path, rng_state, \
     set_rng_state
+from .surgery import split
 from .task import CollaborativeTask, evaluate, evaluate_fit, temporal_mean
 from .trace import allow_leaf_modules
-from .tree import HeadTree, split
+from .tree import HeadTree
 
 __all__ = ["train", "evaluate", "evaluate_fit", "train_epoch", "objective_for", "mixup_for", "tree_for", "temporal_mean", "build",
            "restore", "RUNS", "STATE_FILE", "latest_run"]

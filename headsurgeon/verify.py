@@ -2,45 +2,22 @@
 
 Tracing freezes ``self.training`` branches, so the cut is compared with the eager model in
 both modes (train mode under one RNG seed, running statistics restored afterwards). Collapse
-and export compare eval logits. :func:`train_mode` / :func:`eval_mode` are the one way the
-package switches a module's mode for a while.
+and export compare eval logits. Modes are switched with :mod:`headsurgeon.modes`.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import HeadsurgeonError, first_line
+from .modes import eval_mode, probe, train_mode
 
 EPS32 = torch.finfo(torch.float32).eps
 COLLAPSE_ATOL = 1e-5  # collapsed head vs tree head, eval logits: scaled by tolerance() like the eager check
-
-
-@contextmanager
-def _mode(train: bool, modules: tuple[nn.Module, ...]) -> Iterator[None]:
-    was = [m.training for m in modules]
-    for m in modules:
-        m.train(train)
-    try:
-        yield
-    finally:
-        for m, w in reversed(list(zip(modules, was))):  # the first module's mode wins where modules share children
-            m.train(w)
-
-
-def train_mode(*modules: nn.Module):
-    """Put ``modules`` in train mode for the block and give each its own mode back after."""
-    return _mode(True, modules)
-
-
-def eval_mode(*modules: nn.Module):
-    """Put ``modules`` in eval mode for the block and give each its own mode back after."""
-    return _mode(False, modules)
 
 
 def max_abs_diff(a: Any, b: Any) -> float:
@@ -105,7 +82,8 @@ def run_both_modes(fn: Callable[[torch.Tensor], Any], example: torch.Tensor, *mo
     snap = BufferSnapshot(*modules)
     try:
         for mode in ("eval", "train"):
-            with _mode(mode == "train", modules), torch.no_grad(), torch.random.fork_rng(devices=[]):
+            switch = train_mode if mode == "train" else eval_mode
+            with switch(*modules), torch.no_grad(), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 out[mode] = fn(example)
             snap.restore()
@@ -144,13 +122,6 @@ def input_error(model: nn.Module, name: str, size: Any, e: Exception) -> Headsur
     return HeadsurgeonError(f"{name} cannot run on input size {'x'.join(map(str, size))} ({type(e).__name__}: "
                             f"{first_line(e)}); give an input size it accepts{own}: --input-size C,H,W, or "
                             f"data.img_size in a recipe")
-
-
-def probe(input_size, seed: int, like: nn.Module, batch: int = 2) -> torch.Tensor:
-    """A seeded random batch on ``like``'s device and dtype."""
-    p = next(iter(like.parameters()))
-    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed))
-    return x.to(device=p.device, dtype=p.dtype)
 
 
 def check_collapsed(tree: nn.Module, head: int, model: nn.Module, x: torch.Tensor, atol: float = COLLAPSE_ATOL) -> None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import headsurgeon as hs
 from headsurgeon.verify import max_abs_diff, tolerance
-from headsurgeon.tree import default_fanout
+from headsurgeon.surgery import default_fanout
 
 SIZE = (3, 32, 32)
 

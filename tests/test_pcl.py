@@ -13,10 +13,11 @@ from headsurgeon import HeadsurgeonError
 from headsurgeon import objectives as O
 from headsurgeon import recipe as R
 from headsurgeon import train as T
-from headsurgeon.models import model_from_spec
+from headsurgeon.models import model_from_peer
+from headsurgeon.modes import eval_mode
 from headsurgeon.pipeline import collapse_dir
 from headsurgeon.tree import HeadTree
-from headsurgeon.verify import eval_mode, tolerance
+from headsurgeon.verify import tolerance
 
 from test_train import _recipe, folder  # noqa: F401  (the tiny image-folder fixture)
 from test_train_parity import _kill_mid_epoch
@@ -139,7 +140,7 @@ def _timm_head(tree_state, spec, head, tree):
     reference for its pre-logits features (``forward_head(pre_logits=True)``) and logits."""
     scratch = copy.deepcopy(tree)
     scratch.load_state_dict(tree_state)
-    m = model_from_spec(spec)
+    m = model_from_peer(spec.peer(0))
     m.load_state_dict(scratch.head_state_dict(head), strict=True)
     return m.train()
 

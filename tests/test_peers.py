@@ -15,7 +15,7 @@ from headsurgeon import recipe as R
 from headsurgeon import train as T
 from headsurgeon.cli import main
 from headsurgeon.objectives import get
-from headsurgeon.tree import Peer
+from headsurgeon.spec import Peer
 from headsurgeon.verify import max_abs_diff
 
 # `== 0` below: a head's graph (or a reload) runs its eager model's ops on the same input in this process,

@@ -17,7 +17,8 @@ import headsurgeon as hs
 from headsurgeon.card import card_writer
 from headsurgeon.cli import main
 from headsurgeon.errors import HeadsurgeonError
-from headsurgeon.tree import SPEC_FILE, WEIGHTS_FILE, HeadTree, SplitSpec
+from headsurgeon.spec import SPEC_FILE, SplitSpec
+from headsurgeon.tree import WEIGHTS_FILE, HeadTree
 
 ROOT = Path(__file__).resolve().parents[1]
 EVIL = """from pathlib import Path
