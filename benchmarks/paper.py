@@ -218,7 +218,7 @@ def _heads_at(row_metrics: dict[str, Any]) -> dict[str, Any]:
             "chosen_rank": _rank(test, chosen), "heads_test": test, "heads_val": val}
 
 
-def _fit(run: Path, recipe: dict[str, Any]) -> dict[str, Any]:
+def _fit(run: Path, recipe: Any) -> dict[str, Any]:
     """The last checkpoint (its EMA where the run has one) on its own training images, without
     augmentation: top-1 against the noisy labels it was trained on, against the true labels, and on
     the flipped images the share predicted as their wrong (noisy) label ('memorised') or their true
@@ -228,11 +228,11 @@ def _fit(run: Path, recipe: dict[str, Any]) -> dict[str, Any]:
     from headsurgeon import data as D
 
     tree = _evaluated_tree(run, "last")
-    sp = D.splits(recipe)
+    sp = D.splits(recipe.data)
     tr = sp.train
     clean = D.View(tr.base, tr.indices)
-    cfg = D.data_config(recipe, tree.spec.pretrained_cfg, tree.spec.model_args.get("in_chans", 3))
-    ld = D.loader(clean, recipe, cfg, False, torch.device("cpu"))
+    cfg = D.data_config(recipe.data, tree.spec.pretrained_cfg, tree.spec.model_args.get("in_chans", 3))
+    ld = D.loader(clean, recipe.data, cfg, False, torch.device("cpu"))
     preds, truth = [], []
     with torch.no_grad():
         for x, y in ld:
@@ -275,14 +275,14 @@ def _save_predictions(run: Path, recipe: Any, path: Path, head: int, keep_logits
 
     from headsurgeon import data as D
 
-    test = D.splits(recipe).test
+    test = D.splits(recipe.data).test
     arrays: dict[str, Any] = {}
     for sub in ("best", "last"):
         tree = _evaluated_tree(run, sub)
-        cfg = D.data_config(recipe, tree.spec.pretrained_cfg, tree.spec.model_args.get("in_chans", 3))
+        cfg = D.data_config(recipe.data, tree.spec.pretrained_cfg, tree.spec.model_args.get("in_chans", 3))
         logits, labels = [], []
         with torch.no_grad():
-            for x, y in D.loader(test, recipe, cfg, False, torch.device("cpu")):
+            for x, y in D.loader(test, recipe.data, cfg, False, torch.device("cpu")):
                 logits.append(torch.stack(tree(x)))
                 labels.append(y)
         z = torch.cat(logits, 1)  # [heads, N, classes], in test-set order

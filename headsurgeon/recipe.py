@@ -14,6 +14,7 @@ check recipe files.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -353,6 +354,25 @@ class SchedCfg(_Section):
     step_on_epochs: bool = Field(True, description="step the lr per epoch (False: per update)")
 
 
+# log.<key> -> (module that must be importable, the pip extra that installs it)
+EXTRAS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def missing(key: str) -> str | None:
+    """One line naming the extra to install when ``log.<key>`` cannot work here, else None."""
+    module, extra = EXTRAS[key]
+    if importlib.util.find_spec(module) is None:
+        return (f"'log.{key}: true' needs the {module} package, which is not installed; "
+                f"pip install 'headsurgeon[{extra}]' (or set log.{key}: false)")
+    return None
+
+
+def missing_extras(log: "LogCfg") -> list[str]:
+    """The one check that the trackers a recipe's ``log`` section turns on are installed: a line per
+    missing extra (the recipe refuses them when it is read, the trackers again when they start)."""
+    return [m for m in (missing(k) for k in EXTRAS if getattr(log, k)) if m]
+
+
 class LogCfg(_Section):
     tensorboard: bool = Field(False, description="TensorBoard event files in RUN/tensorboard (optional extra "
                               "headsurgeon[tensorboard])")
@@ -367,9 +387,7 @@ class LogCfg(_Section):
 
     @model_validator(mode="after")
     def _installed(self) -> "LogCfg":
-        from .tracking import missing
-
-        problems = [m for m in (missing(k) for k in ("tensorboard", "wandb") if getattr(self, k)) if m]
+        problems = missing_extras(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
