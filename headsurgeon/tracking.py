@@ -83,7 +83,10 @@ def csv_columns(row: dict[str, Any], best: dict[str, Any] | None = None,
 
 
 class Trackers:
-    """Every tracker of one run; :meth:`epoch` once per finished epoch, :meth:`close` at the end."""
+    """Every tracker of one run; :meth:`epoch` once per finished epoch, :meth:`close` at the end.
+
+    Built from plain values (the run's folder, its recipe, the epoch it starts at, the training images
+    per epoch), not from the trainer's state, so tracking depends on nothing above the recipe."""
 
     def __init__(self, directory: str | Path, recipe: Any, start: int = 0, train_images: int | None = None,
                  log: Callable[[str], None] = print):

@@ -2,7 +2,9 @@
 
 ``train`` builds everything a run needs (:func:`build`), restores a checkpoint when resuming
 (:func:`restore`), then runs epochs (:func:`train_epoch`, :func:`evaluate`). Every file of the
-run goes through :class:`~headsurgeon.rundir.RunDir`, whose docstring lists the layout.
+run goes through :class:`~headsurgeon.rundir.RunDir`, whose docstring lists the layout; what the
+result files hold is :mod:`headsurgeon.summary`. The RNG state a bit-identical resume needs is taken
+here (:func:`rng_state`): it is the loop's state, which ``rundir`` only stores.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from . import recipe as R
 from . import tracking
 from .errors import HeadsurgeonError, first_line
 from .rundir import EMA_FILE, OBJECTIVE_FILE, RUNS, STATE_FILE, RunDir, latest_run, new_run_path
+from .summary import RunSummary
 from .task import CollaborativeTask, evaluate, evaluate_fit, temporal_mean
 from .trace import allow_leaf_modules
 from .tree import HeadTree, split
@@ -523,7 +526,7 @@ def _recovery_point(run: Run, epoch: int, step: int, epoch_rng: list[Any], sums:
     run.dir.save_last(run.tree, state, run.ema.module if run.ema is not None else None, run.modules, where="recovery")
 
 
-def _summary(run: Run, finished: bool, wall: float, best: dict[str, Any] | None = None) -> dict[str, Any]:
+def _summary(run: Run, finished: bool, wall: float, best: dict[str, Any] | None = None) -> RunSummary:
     """The run's summary: accuracies at the best epoch (or at ``best``, another epoch's choice)."""
     best = best or run.best
     row = run.history[best["epoch"] - 1]
