@@ -208,7 +208,7 @@ def _heads_at(row_metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _fit(run: Path, recipe: dict[str, Any]) -> dict[str, Any]:
+def _fit(run: Path, recipe: Any) -> dict[str, Any]:
     """The last checkpoint (its EMA where the run has one) on its own training images, without
     augmentation: top-1 against the noisy labels it was trained on, against the true labels, and on
     the flipped images the share predicted as their wrong (noisy) label ('memorised') or their true
@@ -218,11 +218,11 @@ def _fit(run: Path, recipe: dict[str, Any]) -> dict[str, Any]:
     from headsurgeon import data as D
 
     tree = C.evaluated_tree(run, "last")
-    sp = D.splits(recipe)
+    sp = D.splits(recipe.data)
     tr = sp.train
     clean = D.View(tr.base, tr.indices)
-    cfg = D.data_config(recipe, tree.spec.pretrained_cfg, tree.spec.model_args.get("in_chans", 3))
-    ld = D.loader(clean, recipe, cfg, False, torch.device("cpu"))
+    cfg = D.data_config(recipe.data, tree.spec.pretrained_cfg, tree.spec.model_args.get("in_chans", 3))
+    ld = D.loader(clean, recipe.data, cfg, False, torch.device("cpu"))
     preds, truth = [], []
     with torch.no_grad():
         for x, y in ld:

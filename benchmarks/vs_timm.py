@@ -146,7 +146,7 @@ def hs_train_files(hs: dict) -> list[Path]:
     from headsurgeon import recipe as R
 
     flat, _ = R.load(None, tuple(f"{k}={json.dumps(v)}" for k, v in hs.items()))
-    view = D.splits(flat).train
+    view = D.splits(flat.data).train
     return [Path(view.base.reader.samples[i][0]) for i in view.indices]
 
 

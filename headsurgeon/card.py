@@ -133,14 +133,26 @@ def build_card(spec: SplitSpec, head: int, *, summary: Mapping[str, Any] | None 
     size = list(spec.input_size) if spec.input_size else None
     if r.get("data.img_size"):  # a run: the size it was trained and evaluated at
         size = [(size or [3])[0], r["data.img_size"], r["data.img_size"]]
-    dataset = r.get("data.dataset")
-    hub_ds = hub_dataset(dataset)
+    lines: list[str] = _front_matter(spec, head, summary, r, files, baseline, arch, pretrained_cfg)
+    lines += _intro(spec, head, summary, arch, num_classes, size)
+    lines += _details(arch, model_args, num_classes, size, label_names, num_params, r.get("data.dataset"))
+    lines += _how_made(spec, head, summary, r, arch, head_reason, baseline)
+    lines += _usage()
+    lines += _software(spec)
+    return "\n".join(lines) + "\n"
+
+
+def _front_matter(spec: SplitSpec, head: int, summary: Mapping[str, Any] | None, r: Mapping[str, Any],
+                  files: Mapping[str, str] | None, baseline: Mapping[str, Any] | None, arch: str,
+                  pretrained_cfg: Mapping[str, Any]) -> list[str]:
+    """The YAML front matter: huggingface_hub's ``ModelCardData`` with the evaluation results and the
+    ``headsurgeon`` block (the sha256 proof ``push`` checks)."""
+    from huggingface_hub import ModelCardData
+
+    hub_ds = hub_dataset(r.get("data.dataset"))
     license_ = "apache-2.0"
     if r.get("pretrained") and pretrained_cfg.get("license"):
         license_ = pretrained_cfg["license"]
-
-    from huggingface_hub import ModelCardData
-
     base_model = pretrained_cfg.get("hf_hub_id") if r.get("pretrained") else None
     block = {"version": __version__, "architecture": arch, "head": int(head), "heads": spec.heads,
              "trained": summary is not None, "files": dict(files or {})}
@@ -153,11 +165,14 @@ def build_card(spec: SplitSpec, head: int, *, summary: Mapping[str, Any] | None 
         base_model=base_model, model_name=REPO_PLACEHOLDER,
         eval_results=eval_results(summary, head, r, baseline) if summary is not None else None,
         **{MARKER: block})
-    lines: list[str] = ["---", data.to_yaml(), "---", ""]
-    add = lines.append
-    add(f"# {arch} — head {head} of a collaboratively trained head tree" if summary is not None
-        else f"# {arch} — head {head} of a headsurgeon head tree")
-    add("")
+    return ["---", data.to_yaml(), "---", ""]
+
+
+def _intro(spec: SplitSpec, head: int, summary: Mapping[str, Any] | None, arch: str, num_classes: Any,
+           size: list[int] | None) -> list[str]:
+    """The title and what the model is: trained in a tree, or a tree's weights without a run."""
+    lines = [f"# {arch} — head {head} of a collaboratively trained head tree" if summary is not None
+             else f"# {arch} — head {head} of a headsurgeon head tree", ""]
     what = (f"A `{arch}` image classifier" + (f" for {num_classes} classes" if num_classes else "")
             + (f" at input size {'x'.join(map(str, size))}" if size else "") + ".")
     how = (f" It was trained as head {head} of a {spec.heads}-head tree with collaborative learning "
@@ -167,11 +182,15 @@ def build_card(spec: SplitSpec, head: int, *, summary: Mapping[str, Any] | None 
            f" It is head {head} of a {spec.heads}-head tree built by headsurgeon and collapsed back into "
            f"the original timm architecture without a training run, so it carries the tree's weights as they were "
            f"(e.g. an initialisation) and no accuracy is known.")
-    add(what + how + " It is a plain timm model: using it needs timm only, not headsurgeon.")
-    add("")
+    return [*lines, what + how + " It is a plain timm model: using it needs timm only, not headsurgeon.", ""]
 
-    add("## Model details")
-    add("")
+
+def _details(arch: str, model_args: Mapping[str, Any], num_classes: Any, size: list[int] | None,
+             label_names: Sequence[str] | None, num_params: int | None, dataset: str | None) -> list[str]:
+    """## Model details: architecture, classes, input size, parameters, dataset."""
+    hub_ds = hub_dataset(dataset)
+    lines = ["## Model details", ""]
+    add = lines.append
     add(f"- **Architecture:** `{arch}`" + (f" with `model_args` {_code(model_args)}" if model_args else ""))
     if num_classes:
         names = list(label_names or [])
@@ -184,16 +203,15 @@ def build_card(spec: SplitSpec, head: int, *, summary: Mapping[str, Any] | None 
     if dataset:
         add(f"- **Dataset:** `{dataset}`" + (f" (Hub: [{hub_ds}](https://huggingface.co/datasets/{hub_ds}))" if hub_ds else ""))
     add("")
+    return lines
 
-    add("## How it was made")
-    add("")
-    at, fanout = spec.at, spec.fanout
-    add(f"- **Head tree:** {spec.heads} heads, split at "
-        + (", ".join(f"`{p}`" for p in at) if at else "no split point")
-        + (f", fan-out {', '.join(map(str, fanout))}" if fanout else "")
-        + f"; gradient rescaling at the forks {'on' if spec.rescale else 'off (ablation)'}"
-        + f"; branch initialisation `{spec.branch_init}`"
-        + (f", seed {spec.seed}" if spec.seed is not None else "") + ".")
+
+def _how_made(spec: SplitSpec, head: int, summary: Mapping[str, Any] | None, r: Mapping[str, Any], arch: str,
+              head_reason: str | None, baseline: Mapping[str, Any] | None) -> list[str]:
+    """## How it was made: the tree, the objective, data and training, the results, the full recipe."""
+    lines = ["## How it was made", ""]
+    add = lines.append
+    add(_tree_line(spec))
     if spec.peers:
         add(f"- **Peers:** this is head {head}, a `{arch}`, of {spec.heads} heterogeneous peers, each a whole model of "
             f"its own architecture that shares only the input with the others: "
@@ -215,17 +233,7 @@ def build_card(spec: SplitSpec, head: int, *, summary: Mapping[str, Any] | None 
             + (", soft term × T²" if r.get("loss.t2") else "")
             + (f", label smoothing {r['loss.label_smoothing']}" if r.get("loss.label_smoothing") else "") + ".")
     if r:
-        noise = r.get("data.label_noise", 0.0)
-        add(f"- **Data:** `{dataset}`" + (f" at {r['data.img_size']}px" if r.get("data.img_size") else "")
-            + f"; label noise {noise:g}" + (f" (seed {r.get('data.noise_seed')})" if noise else "")
-            + (f"; samples {_samples((summary or {}).get('samples'))}" if (summary or {}).get("samples") else "")
-            + ".")
-        epochs = r.get("epochs")
-        add(f"- **Training:** {epochs} epoch{'' if epochs == 1 else 's'}" + (f" ({summary.get('epochs_done')} done)" if summary and
-                                                   summary.get("epochs_done") not in (None, epochs) else "")
-            + f", optimizer `{r.get('optim.opt')}` lr {r.get('optim.lr')}, schedule `{r.get('sched.sched')}`, "
-            f"batch size {r.get('data.batch_size')}, seed {r.get('seed')}"
-            + (", EMA weights" if summary and summary.get("weights") == "ema" else "") + ".")
+        lines += _training_lines(summary, r)
     elif summary is not None:
         add("- **Recipe:** not recorded with this run.")
     if summary is not None:
@@ -234,43 +242,55 @@ def build_card(spec: SplitSpec, head: int, *, summary: Mapping[str, Any] | None 
     elif head_reason:
         add(f"- **Head:** {head_reason}")
     if r:
-        add("")
-        add("<details><summary>The full recipe</summary>")
-        add("")
-        add("```yaml")
-        add(yaml.safe_dump(nest(r), sort_keys=False).rstrip())
-        add("```")
-        add("")
-        add("</details>")
+        lines += ["", "<details><summary>The full recipe</summary>", "", "```yaml",
+                  yaml.safe_dump(nest(r), sort_keys=False).rstrip(), "```", "", "</details>"]
     add("")
+    return lines
 
-    add("## Usage")
-    add("")
-    add("```python")
-    add("import timm")
-    add("import torch")
-    add("")
-    add(f'model = timm.create_model("hf-hub:{REPO_PLACEHOLDER}", pretrained=True).eval()')
-    add("config = timm.data.resolve_data_config(model=model)  # the preprocessing the model was evaluated with")
-    add("transform = timm.data.create_transform(**config)")
-    add("with torch.no_grad():")
-    add("    probabilities = model(transform(image).unsqueeze(0)).softmax(-1)  # image: a PIL image")
-    add("```")
-    add("")
 
-    add("## Software")
-    add("")
-    made = spec.versions
-    add(f"- collapsed with headsurgeon {__version__}, timm {_version('timm')}, torch {_version('torch')}")
-    if made:
-        add("- head tree built with " + ", ".join(f"{k} {v}" for k, v in made.items()))
-    add("")
-    add("## Citation")
-    add("")
-    add("```bibtex")
-    add(CITATION)
-    add("```")
-    return "\n".join(lines) + "\n"
+def _tree_line(spec: SplitSpec) -> str:
+    at, fanout = spec.at, spec.fanout
+    return (f"- **Head tree:** {spec.heads} heads, split at "
+            + (", ".join(f"`{p}`" for p in at) if at else "no split point")
+            + (f", fan-out {', '.join(map(str, fanout))}" if fanout else "")
+            + f"; gradient rescaling at the forks {'on' if spec.rescale else 'off (ablation)'}"
+            + f"; branch initialisation `{spec.branch_init}`"
+            + (f", seed {spec.seed}" if spec.seed is not None else "") + ".")
+
+
+def _training_lines(summary: Mapping[str, Any] | None, r: Mapping[str, Any]) -> list[str]:
+    """The data and training lines of a run's recipe."""
+    noise = r.get("data.label_noise", 0.0)
+    data = (f"- **Data:** `{r.get('data.dataset')}`" + (f" at {r['data.img_size']}px" if r.get("data.img_size") else "")
+            + f"; label noise {noise:g}" + (f" (seed {r.get('data.noise_seed')})" if noise else "")
+            + (f"; samples {_samples((summary or {}).get('samples'))}" if (summary or {}).get("samples") else "")
+            + ".")
+    epochs = r.get("epochs")
+    training = (f"- **Training:** {epochs} epoch{'' if epochs == 1 else 's'}" + (f" ({summary.get('epochs_done')} done)" if summary and
+                                                                                summary.get("epochs_done") not in (None, epochs) else "")
+                + f", optimizer `{r.get('optim.opt')}` lr {r.get('optim.lr')}, schedule `{r.get('sched.sched')}`, "
+                f"batch size {r.get('data.batch_size')}, seed {r.get('seed')}"
+                + (", EMA weights" if summary and summary.get("weights") == "ema" else "") + ".")
+    return [data, training]
+
+
+def _usage() -> list[str]:
+    return ["## Usage", "", "```python", "import timm", "import torch", "",
+            f'model = timm.create_model("hf-hub:{REPO_PLACEHOLDER}", pretrained=True).eval()',
+            "config = timm.data.resolve_data_config(model=model)  # the preprocessing the model was evaluated with",
+            "transform = timm.data.create_transform(**config)",
+            "with torch.no_grad():",
+            "    probabilities = model(transform(image).unsqueeze(0)).softmax(-1)  # image: a PIL image",
+            "```", ""]
+
+
+def _software(spec: SplitSpec) -> list[str]:
+    """## Software (what collapsed it, what built the tree) and ## Citation."""
+    lines = ["## Software", "",
+             f"- collapsed with headsurgeon {__version__}, timm {_version('timm')}, torch {_version('torch')}"]
+    if spec.versions:
+        lines.append("- head tree built with " + ", ".join(f"{k} {v}" for k, v in spec.versions.items()))
+    return [*lines, "", "## Citation", "", "```bibtex", CITATION, "```"]
 
 
 def _samples(samples: Mapping[str, int]) -> str:
@@ -381,23 +401,17 @@ def card_writer(spec: SplitSpec, head: int, **kwargs: Any) -> Callable[[Path], s
     return write
 
 
-# what best/record.json says about the weights in best/ (it wins over summary.json for these)
-RECORD_KEYS = ("best_epoch", "best_head", "heads", "ensemble", "objective", "weights", "num_classes", "label_names",
-               "samples", "label_noise")
-
-
 def read_run(directory: str | Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """A training run directory's summary and ``recipe.yaml`` (None for what is absent, e.g. both
     for a plain tree directory). The accuracies, best epoch and head come from ``best/record.json``
     when present (written in one atomic step with the ``best/`` weights, so it describes exactly
     those weights), the run's progress (``finished``, ``epochs_done``) from ``summary.json``."""
-    from .rundir import RunDir
+    from .rundir import RECIPE_FILE, RunDir
+    from .summary import merge
 
     d = Path(directory)
-    summary, record = RunDir(d).summary(), RunDir(d).best_record()
-    if record is not None:
-        summary = {**(summary or record), **{k: record[k] for k in RECORD_KEYS if k in record}}
-    recipe = yaml.safe_load((d / "recipe.yaml").read_text()) if (d / "recipe.yaml").is_file() else None
+    summary, _ = merge(RunDir(d).summary(), RunDir(d).best_record())
+    recipe = yaml.safe_load((d / RECIPE_FILE).read_text()) if (d / RECIPE_FILE).is_file() else None
     return summary, recipe if isinstance(recipe, dict) else None
 
 
@@ -405,11 +419,12 @@ def run_card(run_dir: str | Path, head: int, directory: str | Path, *, baseline:
              num_params: int | None = None) -> str:
     """The card of head ``head`` of training run ``run_dir`` for the export in ``directory`` (its
     files' sha256), e.g. to add a baseline to the card ``collapse`` wrote."""
-    from .spec import SplitSpec
+    from .rundir import BEST
+    from .spec import SPEC_FILE, SplitSpec
 
     summary, recipe = read_run(run_dir)
-    best = Path(run_dir) / ((summary or {}).get("best_dir") or "best")
-    spec = SplitSpec.from_json((best / "spec.json").read_text())
+    best = Path(run_dir) / ((summary or {}).get("best_dir") or BEST)
+    spec = SplitSpec.from_json((best / SPEC_FILE).read_text())
     files = {name: sha256_file(Path(directory) / name) for name in VERIFIED_FILES}
     return build_card(spec, head, summary=summary, recipe=recipe, label_names=(summary or {}).get("label_names"),
                       files=files, num_params=num_params, baseline=baseline)

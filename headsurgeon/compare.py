@@ -202,14 +202,14 @@ def save_predictions(run: Path, recipe: Any, path: Path, head: int | None = None
 
     from . import data as D
 
-    test = D.splits(recipe).test
+    test = D.splits(recipe.data).test
     arrays: dict[str, Any] = {}
     for sub in ("best", "last"):
         tree = evaluated_tree(run, sub)
-        cfg = D.data_config(recipe, tree.spec.pretrained_cfg, tree.spec.model_args.get("in_chans", 3))
+        cfg = D.data_config(recipe.data, tree.spec.pretrained_cfg, tree.spec.model_args.get("in_chans", 3))
         logits, labels = [], []
         with torch.no_grad():
-            for x, y in D.loader(test, recipe, cfg, False, torch.device("cpu")):
+            for x, y in D.loader(test, recipe.data, cfg, False, torch.device("cpu")):
                 logits.append(torch.stack(tree(x)))
                 labels.append(y)
         z = torch.cat(logits, 1)  # [heads, N, classes], in test-set order

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from .errors import HeadsurgeonError, first_line
 
 if TYPE_CHECKING:
-    from .recipe import Recipe
+    from .recipe import DataCfg
 
 DIGITS_TEST = 360  # fixed held-out digits test split (20%), independent of every recipe seed
 DIGITS_TEST_SPLITS = ("test", "validation", "val")  # names of digits' test split
@@ -388,11 +388,19 @@ def carve(ds: Dataset, val_fraction: float, train_fraction: float, seed: int,
     return sorted(order[:n_val]), sorted(rest[:keep])  # rest is in random order: a random subset
 
 
-def splits(recipe: "Recipe") -> Splits:
-    """Train / validation / test views; the validation carve and the noise have fixed seeds."""
-    name, root, dl = recipe.data.dataset, recipe.data.root, recipe.data.download
-    folds = (recipe.data.folds, recipe.data.fold)
-    tr, te = recipe.data.train_split, recipe.data.test_split
+def _section(data: Any) -> "DataCfg":
+    """A recipe's ``data`` section; a whole recipe is still taken (code written before these functions
+    took the section: user scripts, the demo's fresh-process evaluation)."""
+    return getattr(data, "data", data)
+
+
+def splits(data: "DataCfg") -> Splits:
+    """Train / validation / test views of the recipe's ``data`` section; the validation carve and the
+    noise have fixed seeds."""
+    d = _section(data)
+    name, root, dl = d.dataset, d.root, d.download
+    folds = (d.folds, d.fold)
+    tr, te = d.train_split, d.test_split
     if tr == te or (name in ("digits", FASHION_MNIST) and tr != "train"):  # the test split is never trained on
         raise HeadsurgeonError(f"data.train_split '{tr}' would train on the test images of '{name}'"
                                + (f" ('{te}' is the test split)" if tr == te else "; its training split is 'train'")
@@ -403,11 +411,31 @@ def splits(recipe: "Recipe") -> Splits:
         if len(base) == 0:
             raise HeadsurgeonError(f"the '{s}' split of '{name}'" + (f" at '{root}'" if root else "") + " has no "
                                    "samples; its accuracy would be 0/0: give a dataset with images in every split")
+    classes = _classes(d, train_base, test_base)
+    val_idx, train_idx = carve(train_base, d.val_fraction, d.train_fraction,
+                               d.split_seed, d.stratify)
+    frac = d.label_noise
+    offsets, val_offsets = _noise(d, len(train_idx), len(val_idx), classes)
+    return Splits(
+        train=View(train_base, train_idx, offsets, classes),
+        val=View(train_base, val_idx, val_offsets, classes),
+        test=View(test_base, range(len(test_base))),
+        num_classes=classes,
+        noise={"fraction": frac, "flipped": len(offsets), "seed": d.noise_seed,
+               **({"val_flipped": len(val_offsets)} if d.val_noise else {})},
+        label_names=(lambda n: n if n and len(n) == classes else None)(label_names(train_base)),
+    )
+
+
+def _classes(d: "DataCfg", train_base: Dataset, test_base: Dataset) -> int:
+    """The class count: ``data.num_classes``, else what the dataset lists or its labels reach; checked
+    against the dataset (no outputs that never see a label, at least 2, the same classes in both splits)."""
+    name, root, tr, te = d.dataset, d.root, d.train_split, d.test_split
     listed = _num_classes(train_base)  # the classes the dataset lists (class folders, torchvision's classes)
     found = listed
     targets = getattr(train_base, "targets", None)
     found = max(found or 0, (max(int(t) for t in targets) + 1) if targets is not None and len(targets) else 0) or None
-    given = recipe.data.num_classes
+    given = d.num_classes
     if given and found and given < found:
         raise HeadsurgeonError(f"data.num_classes is {given} but '{name}' has {found} classes (labels 0..{found - 1}); "
                                f"set data.num_classes: {found} or leave it out")
@@ -434,25 +462,21 @@ def splits(recipe: "Recipe") -> Splits:
         missing = sorted(set(a) ^ set(b))[:3]
         raise HeadsurgeonError(f"the '{tr}' and '{te}' splits of '{name}' list different classes (e.g. {missing}); "
                                f"class indices would not match between them")
-    val_idx, train_idx = carve(train_base, recipe.data.val_fraction, recipe.data.train_fraction,
-                               recipe.data.split_seed, recipe.data.stratify)
-    frac = recipe.data.label_noise
-    g = torch.Generator().manual_seed(recipe.data.noise_seed)
-    flip = torch.randperm(len(train_idx), generator=g)[: round(frac * len(train_idx))].tolist()
+    return classes
+
+
+def _noise(d: "DataCfg", n_train: int, n_val: int, classes: int) -> tuple[dict[int, int], dict[int, int]]:
+    """The symmetric label noise of train (and, with ``data.val_noise``, of validation): position ->
+    label offset, drawn from ``data.noise_seed``."""
+    frac = d.label_noise
+    g = torch.Generator().manual_seed(d.noise_seed)
+    flip = torch.randperm(n_train, generator=g)[: round(frac * n_train)].tolist()
     offsets = {i: int(o) for i, o in zip(flip, torch.randint(1, classes, (len(flip),), generator=g).tolist())}
     val_offsets: dict[int, int] = {}
-    if recipe.data.val_noise and frac > 0:  # drawn after train's, so train's draw is the same with or without it
-        vflip = torch.randperm(len(val_idx), generator=g)[: round(frac * len(val_idx))].tolist()
+    if d.val_noise and frac > 0:  # drawn after train's, so train's draw is the same with or without it
+        vflip = torch.randperm(n_val, generator=g)[: round(frac * n_val)].tolist()
         val_offsets = {i: int(o) for i, o in zip(vflip, torch.randint(1, classes, (len(vflip),), generator=g).tolist())}
-    return Splits(
-        train=View(train_base, train_idx, offsets, classes),
-        val=View(train_base, val_idx, val_offsets, classes),
-        test=View(test_base, range(len(test_base))),
-        num_classes=classes,
-        noise={"fraction": frac, "flipped": len(offsets), "seed": recipe.data.noise_seed,
-               **({"val_flipped": len(val_offsets)} if recipe.data.val_noise else {})},
-        label_names=(lambda n: n if n and len(n) == classes else None)(label_names(train_base)),
-    )
+    return offsets, val_offsets
 
 
 def shard(view: View, rank: int, world: int) -> View:
@@ -461,20 +485,21 @@ def shard(view: View, rank: int, world: int) -> View:
         i // world: o for i, o in view.offsets.items() if i % world == rank}, view.num_classes)
 
 
-def data_config(recipe: "Recipe", pretrained_cfg: dict[str, Any] | None, in_chans: int = 3) -> dict[str, Any]:
+def data_config(data: "DataCfg", pretrained_cfg: dict[str, Any] | None, in_chans: int = 3) -> dict[str, Any]:
     """The preprocessing of a run: timm's ``resolve_data_config`` of the model's pretrained config,
-    with the model's channel count and the recipe's ``data.mean``/``data.std`` where given.
+    with the model's channel count and the ``data`` section's ``mean``/``std`` where given.
 
     For a 1-channel model without ``data.mean``, the 3-channel mean/std are averaged: a 1-channel
     tensor normalised with 3-value statistics would silently broadcast to 3 channels.
     """
     from timm.data import resolve_data_config
 
-    size = recipe.data.img_size
+    d = _section(data)
+    size = d.img_size
     cfg = dict(resolve_data_config(args={"img_size": size}, pretrained_cfg=pretrained_cfg or {}))
     cfg["input_size"] = (in_chans, size, size)
     for key in ("mean", "std"):
-        given = getattr(recipe.data, key)
+        given = getattr(d, key)
         value = tuple(float(v) for v in (given if given is not None else cfg[key]))
         if given is None and len(value) != in_chans:
             value = (sum(value) / len(value),) * in_chans
@@ -484,33 +509,34 @@ def data_config(recipe: "Recipe", pretrained_cfg: dict[str, Any] | None, in_chan
     return cfg
 
 
-def eval_config(recipe: "Recipe", pretrained_cfg: dict[str, Any] | None, in_chans: int = 3) -> dict[str, Any]:
+def eval_config(data: "DataCfg", pretrained_cfg: dict[str, Any] | None, in_chans: int = 3) -> dict[str, Any]:
     """The run's evaluation preprocessing (what :func:`loader` does for val/test) as timm
     ``pretrained_cfg`` keys: an export carrying them is evaluated by ``resolve_data_config(model=m)`` +
     ``create_transform(**cfg)`` exactly as the run evaluated it, not at the base model's ImageNet size."""
-    cfg = data_config(recipe, pretrained_cfg, in_chans)
+    cfg = data_config(data, pretrained_cfg, in_chans)
     return {"input_size": tuple(cfg["input_size"]), "interpolation": cfg.get("interpolation", "bilinear"),
-            "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "crop_pct": recipe.data.crop_pct,
+            "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "crop_pct": _section(data).crop_pct,
             "crop_mode": "center"}  # create_loader's default crop_mode (None) is 'center'
 
 
-def loader(view: View, recipe: "Recipe", data_cfg: dict[str, Any], training: bool, device: torch.device,
+def loader(view: View, data: "DataCfg", data_cfg: dict[str, Any], training: bool, device: torch.device,
            distributed: bool = False) -> torch.utils.data.DataLoader:
-    """timm's ``create_loader`` with the recipe's augmentation; training loaders shuffle."""
+    """timm's ``create_loader`` with the ``data`` section's augmentation; training loaders shuffle."""
     from timm.data import create_loader
 
-    size, chans = recipe.data.img_size, data_cfg["input_size"][0]
+    d = _section(data)
+    size, chans = d.img_size, data_cfg["input_size"][0]
     view.mode = {1: "L", 3: "RGB"}.get(chans)  # other channel counts: the dataset's own images
-    bs = recipe.data.batch_size if training else (recipe.data.eval_batch_size or 2 * recipe.data.batch_size)
+    bs = d.batch_size if training else (d.eval_batch_size or 2 * d.batch_size)
     if training and len(view) < bs * (2 if distributed else 1):
         raise HeadsurgeonError(f"{len(view)} training samples are fewer than one batch of {bs}; lower data.batch_size")
     return create_loader(
-        view, input_size=(chans, size, size), batch_size=bs, is_training=training, no_aug=recipe.data.no_aug,
-        scale=tuple(recipe.data.scale), ratio=tuple(recipe.data.ratio), hflip=recipe.data.hflip,
-        color_jitter=recipe.data.color_jitter, auto_augment=recipe.data.auto_augment,
+        view, input_size=(chans, size, size), batch_size=bs, is_training=training, no_aug=d.no_aug,
+        scale=tuple(d.scale), ratio=tuple(d.ratio), hflip=d.hflip,
+        color_jitter=d.color_jitter, auto_augment=d.auto_augment,
         interpolation=data_cfg.get("interpolation", "bilinear"), mean=data_cfg["mean"], std=data_cfg["std"],
-        crop_pct=recipe.data.crop_pct, num_workers=recipe.data.workers,
-        re_prob=recipe.data.reprob, re_mode=recipe.data.remode, re_count=recipe.data.recount,
+        crop_pct=d.crop_pct, num_workers=d.workers,
+        re_prob=d.reprob, re_mode=d.remode, re_count=d.recount,
         distributed=distributed and training, device=device, use_prefetcher=device.type == "cuda",
         pin_memory=device.type == "cuda",
         # fresh workers each epoch draw their seeds from the (checkpointed) torch RNG, so a resumed

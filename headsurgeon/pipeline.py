@@ -22,39 +22,18 @@ def collapse_dir(source: str | Path | None, head: int | None, output: str | Path
     those of the exported weights even if a kill left ``summary.json`` an epoch behind.
     """
     from .card import card_writer
-    from .data import eval_config
     from .exporter import export
-    from .rundir import BEST, HISTORY, RECORD_FILE, RunDir
+    from .rundir import RunDir
     from .storage import check_not_link, check_output, check_path_name
-    from .spec import SPEC_FILE, SplitSpec
     from .tree import HeadTree
 
-    if source is None:
-        from .rundir import RUNS, latest_run
-
-        found = latest_run(RUNS)
-        if found is None:
-            raise HeadsurgeonError(f"no training run under {RUNS}/; give a tree or run directory")
-        log(f"using the most recent run: {found}")
-        source = found
-    src = Path(source)
-    if not src.is_dir():
-        raise HeadsurgeonError(f"'{source}' is not a directory; give a tree directory written by `headsurgeon split` "
-                               f"or a run directory written by `headsurgeon train`")
+    src = _source(source, log)
     rd = RunDir(src)
-    is_run = not (src / SPEC_FILE).exists() and any(
-        (src / f).exists() for f in ("summary.json", "recipe.yaml", "metrics.jsonl", BEST, "last"))
-    run = recipe = data_cfg = None
+    is_run = _is_run(src)
+    run = recipe = seen = None
     tree_dir = src
     if is_run:  # a training run: its best checkpoint, labelled by the record written with it
-        tree_dir = rd.best
-        if not (tree_dir / SPEC_FILE).is_file():
-            raise HeadsurgeonError(f"run '{src}' has no {BEST}/ checkpoint yet (no finished epoch); "
-                                   f"train it (`headsurgeon train --resume -o {src}`) or give a tree directory")
-        heads = SplitSpec.from_json((tree_dir / SPEC_FILE).read_text(), where=str(tree_dir / SPEC_FILE)).heads
-        seen = _stamp(tree_dir)
-        run = labels(rd.summary(heads), rd.best_record(heads), src, log)
-        recipe = rd.read_recipe() if (src / "recipe.yaml").is_file() else None
+        tree_dir, run, recipe, seen = _read_run(rd, log)
         if head is None:
             head = int(run["best_head"])
             h = run["heads"][head]
@@ -74,20 +53,7 @@ def collapse_dir(source: str | Path | None, head: int | None, output: str | Path
         raise HeadsurgeonError(f"'{tree_dir}' was replaced while it was read (the run is still training and "
                                f"wrote a better checkpoint); run collapse again")
     model = tree.collapse(head)
-    if recipe is not None:  # the run's own evaluation; a bare tree keeps its model's pretrained_cfg
-        data_cfg = eval_config(recipe, tree.spec.pretrained_cfg, tree.spec.model_args.get("in_chans", 3))
-    # what the run was trained with (runs older than the record: recipe.yaml); a run's history/epoch-NNN/ is its run's
-    recorded = rd.data_config() if is_run else RunDir(src.parent.parent).data_config() \
-        if src.parent.name == HISTORY and (src / RECORD_FILE).is_file() else None
-    card_recipe = recipe.nested() if recipe else None
-    if recorded is not None:
-        if data_cfg is not None and data_cfg != recorded:
-            changed = ", ".join(f"{k} {data_cfg[k]} (trained with {recorded[k]})" for k in recorded
-                                if data_cfg.get(k) != recorded[k])
-            log(f"note: {src / 'recipe.yaml'} was edited after training ({changed}); the export carries the "
-                f"preprocessing the run was trained with ({src / 'data_config.json'})")
-            card_recipe["data"]["img_size"] = recorded["input_size"][1]
-        data_cfg = recorded
+    data_cfg, card_recipe = _preprocessing(rd, src, is_run, recipe, tree, log)
     names = (run or {}).get("label_names")
     export(model, out, label_names=names, overwrite=overwrite, data_config=data_cfg,
            card=card_writer(tree.spec, head, summary=run, recipe=card_recipe,
@@ -97,6 +63,73 @@ def collapse_dir(source: str | Path | None, head: int | None, output: str | Path
         f"logits verified equal to the tree's and to the reloaded export"
         + (f"; preprocessing {data_cfg['input_size'][1]}px, crop {data_cfg['crop_pct']} in config.json" if data_cfg else ""))
     return out, head
+
+
+def _source(source: str | Path | None, log: Callable[[str], None]) -> Path:
+    """The folder to collapse: ``source``, or the most recent run under ``runs/``."""
+    if source is None:
+        from .rundir import RUNS, latest_run
+
+        found = latest_run(RUNS)
+        if found is None:
+            raise HeadsurgeonError(f"no training run under {RUNS}/; give a tree or run directory")
+        log(f"using the most recent run: {found}")
+        source = found
+    src = Path(source)
+    if not src.is_dir():
+        raise HeadsurgeonError(f"'{source}' is not a directory; give a tree directory written by `headsurgeon split` "
+                               f"or a run directory written by `headsurgeon train`")
+    return src
+
+
+def _is_run(src: Path) -> bool:
+    """A training run's folder (not a tree's): one of the files a run writes, and no ``spec.json`` of its own."""
+    from .rundir import BEST, LAST, METRICS_FILE, RECIPE_FILE, SPEC_FILE, SUMMARY_FILE
+
+    return not (src / SPEC_FILE).exists() and any(
+        (src / f).exists() for f in (SUMMARY_FILE, RECIPE_FILE, METRICS_FILE, BEST, LAST))
+
+
+def _read_run(rd: Any, log: Callable[[str], None]) -> tuple[Path, dict[str, Any], Any, tuple[int, ...]]:
+    """A run's ``best/`` folder, its label (see :func:`labels`), its recipe (None where absent) and the
+    folder's identity as read (:func:`_stamp`)."""
+    from .rundir import BEST, RECIPE_FILE, SPEC_FILE
+    from .tree import SplitSpec
+
+    src, tree_dir = rd.path, rd.best
+    if not (tree_dir / SPEC_FILE).is_file():
+        raise HeadsurgeonError(f"run '{src}' has no {BEST}/ checkpoint yet (no finished epoch); "
+                               f"train it (`headsurgeon train --resume -o {src}`) or give a tree directory")
+    heads = SplitSpec.from_json((tree_dir / SPEC_FILE).read_text(), where=str(tree_dir / SPEC_FILE)).heads
+    seen = _stamp(tree_dir)
+    run = labels(rd.summary(heads), rd.best_record(heads), src, log)
+    recipe = rd.read_recipe() if (src / RECIPE_FILE).is_file() else None
+    return tree_dir, run, recipe, seen
+
+
+def _preprocessing(rd: Any, src: Path, is_run: bool, recipe: Any, tree: Any,
+                   log: Callable[[str], None]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The export's ``config.json`` preprocessing and the recipe its card shows: what the run was trained
+    with (``data_config.json``; runs older than it: ``recipe.yaml``); a bare tree keeps its model's
+    pretrained_cfg (None). A run's ``history/epoch-NNN/`` is its run's."""
+    from .data import eval_config
+    from .rundir import DATA_CONFIG_FILE, HISTORY, RECIPE_FILE, RECORD_FILE, RunDir
+
+    data_cfg = None
+    if recipe is not None:  # the run's own evaluation
+        data_cfg = eval_config(recipe.data, tree.spec.pretrained_cfg, tree.spec.model_args.get("in_chans", 3))
+    recorded = rd.data_config() if is_run else RunDir(src.parent.parent).data_config() \
+        if src.parent.name == HISTORY and (src / RECORD_FILE).is_file() else None
+    card_recipe = recipe.nested() if recipe else None
+    if recorded is not None:
+        if data_cfg is not None and data_cfg != recorded:
+            changed = ", ".join(f"{k} {data_cfg[k]} (trained with {recorded[k]})" for k in recorded
+                                if data_cfg.get(k) != recorded[k])
+            log(f"note: {src / RECIPE_FILE} was edited after training ({changed}); the export carries the "
+                f"preprocessing the run was trained with ({src / DATA_CONFIG_FILE})")
+            card_recipe["data"]["img_size"] = recorded["input_size"][1]
+        data_cfg = recorded
+    return data_cfg, card_recipe
 
 
 def _stamp(directory: Path) -> tuple[int, ...]:
@@ -139,21 +172,19 @@ def check_output_place(out: Path) -> None:
                                f"(--overwrite would delete them); choose a -o outside it")
 
 
-BEST_KEYS = ("best_epoch", "best_head", "heads", "ensemble")  # what a summary says about the best checkpoint
-
-
 def labels(summary: dict[str, Any] | None, record: dict[str, Any] | None, src: Path,
            log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The summary to label ``best/`` with: ``summary.json`` for the run's progress, ``best/record.json``
-    (written in one atomic step with the weights) for everything about the best checkpoint.
+    """The summary to label ``best/`` with (:func:`headsurgeon.summary.merge`: ``best/record.json`` for the
+    best checkpoint, ``summary.json`` for the run's progress), saying so when the two disagree.
     Runs older than records have only ``summary.json``."""
-    if record is None:
-        if summary is None:
-            raise HeadsurgeonError(f"run '{src}' has neither summary.json nor best/record.json; "
-                                   f"give its best/ folder to collapse it without accuracies")
-        return summary
-    if summary is None or any(summary.get(k) != record.get(k) for k in BEST_KEYS):
+    from .summary import merge
+
+    merged, stale = merge(summary, record)
+    if merged is None:
+        raise HeadsurgeonError(f"run '{src}' has neither summary.json nor best/record.json; "
+                               f"give its best/ folder to collapse it without accuracies")
+    if stale:
         said = "is missing" if summary is None else f"describes epoch {summary['best_epoch']}"
         log(f"note: summary.json {said} but best/ holds the weights of epoch {record['best_epoch']} (a run stopped "
             f"between its checkpoint writes); labelling them with best/record.json")
-    return {**(summary or record), **{k: record[k] for k in BEST_KEYS if k in record}}
+    return merged

@@ -14,6 +14,7 @@ check recipe files.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -353,6 +354,25 @@ class SchedCfg(_Section):
     step_on_epochs: bool = Field(True, description="step the lr per epoch (False: per update)")
 
 
+# log.<key> -> (module that must be importable, the pip extra that installs it)
+EXTRAS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def missing(key: str) -> str | None:
+    """One line naming the extra to install when ``log.<key>`` cannot work here, else None."""
+    module, extra = EXTRAS[key]
+    if importlib.util.find_spec(module) is None:
+        return (f"'log.{key}: true' needs the {module} package, which is not installed; "
+                f"pip install 'headsurgeon[{extra}]' (or set log.{key}: false)")
+    return None
+
+
+def missing_extras(log: "LogCfg") -> list[str]:
+    """The one check that the trackers a recipe's ``log`` section turns on are installed: a line per
+    missing extra (the recipe refuses them when it is read, the trackers again when they start)."""
+    return [m for m in (missing(k) for k in EXTRAS if getattr(log, k)) if m]
+
+
 class LogCfg(_Section):
     tensorboard: bool = Field(False, description="TensorBoard event files in RUN/tensorboard (optional extra "
                               "headsurgeon[tensorboard])")
@@ -367,9 +387,7 @@ class LogCfg(_Section):
 
     @model_validator(mode="after")
     def _installed(self) -> "LogCfg":
-        from .tracking import missing
-
-        problems = [m for m in (missing(k) for k in ("tensorboard", "wandb") if getattr(self, k)) if m]
+        problems = missing_extras(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -458,9 +476,25 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _together(self) -> "Recipe":
         """The checks that involve several keys."""
-        d = self.data
         if self.tree is None and not self.model:
             raise ValueError("give 'model' (with 'split') or 'tree' (a directory from `headsurgeon split`)")
+        self._check_peers()
+        if self.pretrained and self.weights:
+            raise ValueError("'pretrained' and 'weights' both give starting weights; use one of them")
+        if self.eval_every > 1 and self.sched.sched == "plateau":
+            raise ValueError(f"'eval_every' is {self.eval_every} but sched.sched 'plateau' steps on every epoch's "
+                             f"validation accuracy; use eval_every: 1 or another schedule")
+        from .objectives import OBJECTIVES
+
+        if OBJECTIVES[self.loss.objective].needs_mean_logits and self.ema is not False:
+            raise ValueError(f"'ema' is set but loss.objective '{self.loss.objective}' keeps its own temporal mean (EMA) "
+                             "of the tree, which "
+                             "is evaluated and exported; set its decay with 'loss.ema_decay' and leave 'ema' off")
+        self._check_data()
+        return self
+
+    def _check_peers(self) -> None:
+        """A list of models is heterogeneous peers: one per head, forked once at the input."""
         if isinstance(self.model, list):
             n, s = len(self.model), self.split
             if n < 2:
@@ -483,17 +517,10 @@ class Recipe(_Section):
                                  f"per model, or one mapping for all of them")
         elif isinstance(self.model_kwargs, list):
             raise ValueError("'model_kwargs' is a list (one mapping per model) but 'model' is one name; give a mapping")
-        if self.pretrained and self.weights:
-            raise ValueError("'pretrained' and 'weights' both give starting weights; use one of them")
-        if self.eval_every > 1 and self.sched.sched == "plateau":
-            raise ValueError(f"'eval_every' is {self.eval_every} but sched.sched 'plateau' steps on every epoch's "
-                             f"validation accuracy; use eval_every: 1 or another schedule")
-        from .objectives import OBJECTIVES
 
-        if OBJECTIVES[self.loss.objective].needs_mean_logits and self.ema is not False:
-            raise ValueError(f"'ema' is set but loss.objective '{self.loss.objective}' keeps its own temporal mean (EMA) "
-                             "of the tree, which "
-                             "is evaluated and exported; set its decay with 'loss.ema_decay' and leave 'ema' off")
+    def _check_data(self) -> None:
+        """The data section against itself (folds, dataset and root, CutMix boxes) and the step's memory."""
+        d = self.data
         if d.folds is not None and d.dataset != "digits":
             raise ValueError(f"'data.folds' partitions the digits dataset only; '{d.dataset}' has its own test split "
                              f"('data.test_split')")
@@ -519,7 +546,6 @@ class Recipe(_Section):
                              f"least {need / 2**40:,.1f} TiB for one step's activations (batch x 3 x img_size^2 x 4 bytes "
                              f"x heads), more than a machine holds; lower data.img_size, data.batch_size / "
                              f"data.eval_batch_size or split.heads")
-        return self
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys (``data.batch_size``) to values: the form of ``--set``, diffs and the docs."""

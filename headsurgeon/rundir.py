@@ -15,6 +15,9 @@ Layout::
                      modules (ONE's gate)
     .lock            the PID (and start time) of the one process writing the run
 
+What ``summary.json``, ``best/record.json`` and ``metrics.jsonl`` hold, and how they are checked and
+merged, is :mod:`headsurgeon.summary`; ``curves.png`` is drawn by :mod:`headsurgeon.plots`.
+
 Checkpoint directories are written atomically (a hidden sibling renamed into place; leftovers of a
 killed write are removed on the next start); state is read with ``torch.load(weights_only=True)``
 and weights with safetensors, so loading never unpickles arbitrary objects.
@@ -23,22 +26,22 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import safetensors.torch
 import torch
 import yaml
 from torch import nn
 
+from . import plots, storage
 from . import recipe as R
-from . import storage
 from .errors import HeadsurgeonError, first_line
+from .summary import EpochRow, RunSummary, best_score, is_number, read_metrics, read_summary, scores_problem
+from .spec import SPEC_FILE  # a checkpoint folder is a tree folder (spec.json)
 from .tree import HeadTree
 
 RUNS = Path("runs")
@@ -63,43 +66,12 @@ def write_json(path: Path, obj: Any) -> None:
     storage.write_json(path, obj, sort_keys=False)  # a run's JSON keeps the order it was written in
 
 
-def rng_state() -> dict[str, Any]:
-    """Every RNG a training step draws from (data order, augmentation, dropout), for a bit-identical resume."""
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(s: dict[str, Any]) -> None:
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 STATE_KEYS = ("epoch", "optimizer", "scheduler", "history", "best", "wall_time_s")
 RECOVERY_KEYS = ("step", "rng", "epoch_rng", "sums")
 
 
-def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _int(v: Any, lo: int = 0) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= lo
-
-
-def _scores_problem(m: Any, heads: int | None) -> str | None:
-    """One evaluation of a history row (``val``/``test``): each head's and the ensemble's top-1/top-5."""
-    ok = lambda d: isinstance(d, dict) and _num(d.get("top1")) and _num(d.get("top5"))  # noqa: E731
-    if not isinstance(m, dict) or not isinstance(m.get("heads"), list) or not m["heads"] \
-            or not all(map(ok, m["heads"])) or not ok(m.get("ensemble")):
-        return "not each head's and the ensemble's top1 and top5"
-    if heads is not None and len(m["heads"]) != heads:
-        return f"{len(m['heads'])} heads where earlier epochs have {heads}"
-    return None
 
 
 def _state_problem(s: dict[str, Any]) -> str | None:
@@ -113,7 +85,7 @@ def _state_problem(s: dict[str, Any]) -> str | None:
     for key in ("scheduler", "scaler"):
         if s.get(key) is not None and not isinstance(s[key], dict):
             return f"{key} is {type(s[key]).__name__}, not a state dict"
-    if not _num(s["wall_time_s"]) or s["wall_time_s"] < 0:
+    if not is_number(s["wall_time_s"]) or s["wall_time_s"] < 0:
         return f"wall_time_s {s['wall_time_s']!r}"
     if s["epoch"] < 0:
         return f"epoch {s['epoch']}"
@@ -122,14 +94,14 @@ def _state_problem(s: dict[str, Any]) -> str | None:
         if not isinstance(row, dict) or row.get("epoch") != i:
             return f"history entry {i} is not the row of epoch {i}"
         for split_ in ("val", "test") if "val" in row or "test" in row else ():
-            bad = _scores_problem(row.get(split_), heads)
+            bad = scores_problem(row.get(split_), heads)
             if bad:
                 return f"history epoch {i} {split_}: {bad}"
             heads = len(row[split_]["heads"])
     b = s["best"]
     if b is not None and not (isinstance(b, dict) and _int(b.get("epoch"), 1) and b["epoch"] <= s["epoch"]
                               and "val" in s["history"][b["epoch"] - 1] and _int(b.get("head"))
-                              and b["head"] < (heads or 0) and _num(b.get("val_top1"))):
+                              and b["head"] < (heads or 0) and is_number(b.get("val_top1"))):
         return f"best {b!r:.80} is not an evaluated epoch and head of its history"
     rngs = [s["rng"]] + ([s["epoch_rng"]] if "step" in s else [])
     if not all(isinstance(r, list) and r and all(isinstance(x, dict) and {"torch", "python", "numpy"} <= set(x)
@@ -148,53 +120,6 @@ def _loads(line: str) -> Any:
         return json.loads(line)
     except json.JSONDecodeError:
         return None
-
-
-def check_summary(s: Any, where: str, heads: int | None = None) -> dict[str, Any]:
-    """A run summary (``summary.json``, ``best/record.json``) with what collapse and the card read:
-    ``best_epoch``, ``best_head`` inside ``heads``, one accuracy row per head (``heads`` of them
-    when given). An edited or corrupt file would otherwise label weights with wrong numbers."""
-    def bad(what: str) -> HeadsurgeonError:
-        return HeadsurgeonError(f"'{where}' is invalid ({what}); was it edited? restore it or re-run training")
-
-    if not isinstance(s, dict):
-        raise bad("not a JSON object")
-    missing = [k for k in ("best_epoch", "best_head", "heads") if k not in s]
-    if missing:
-        raise bad(f"no {', '.join(missing)}")
-    rows = s["heads"]
-    if not isinstance(rows, list) or not rows or not all(
-            isinstance(h, dict) and all(isinstance(h.get(k), (int, float)) and not isinstance(h.get(k), bool)
-                                        for k in ("val_top1", "test_top1")) for h in rows):
-        raise bad("'heads' must list each head's val_top1 and test_top1")
-    if heads is not None and len(rows) != heads:
-        raise bad(f"{len(rows)} heads listed but the checkpoint has {heads}")
-    b = s["best_head"]
-    if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < len(rows):
-        raise bad(f"best_head {b!r} is not a head index 0..{len(rows) - 1}")
-    if not isinstance(s["best_epoch"], int) or isinstance(s["best_epoch"], bool) or s["best_epoch"] < 1:
-        raise bad(f"best_epoch {s['best_epoch']!r} is not an epoch number")
-    for name, m in [*((f"head {i}", h) for i, h in enumerate(rows)), ("ensemble", s.get("ensemble") or {})]:
-        for k, v in m.items() if isinstance(m, dict) else ():  # json reads NaN and Infinity: never a card's accuracy
-            if k.endswith(("_top1", "_top5")) and not (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                          and 0 <= v <= 100):
-                raise bad(f"{name} {k} is {v!r}, not a percentage 0..100")
-    names = s.get("label_names")
-    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
-        raise bad(f"label_names is {names!r:.60}, not a list of class names")  # a string would be one name per letter
-    return s
-
-
-def read_summary(path: Path, heads: int | None = None) -> dict[str, Any] | None:
-    """A summary file, parsed and checked in one line each; None if absent."""
-    if not path.is_file():
-        return None
-    try:
-        s = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HeadsurgeonError(f"'{path}' is unreadable ({type(e).__name__}: {str(e)[:120]}); restore it or "
-                               f"re-run training") from None
-    return check_summary(s, str(path), heads)
 
 
 @contextmanager
@@ -278,7 +203,7 @@ class RunDir:
     def restartable(self) -> bool:
         """A run stopped before its first checkpoint: its recipe.yaml and no resume point, or (killed
         between taking the lock and writing recipe.yaml) nothing but a dead process's lock."""
-        if self.resumable() or (self.path / "spec.json").exists():
+        if self.resumable() or (self.path / SPEC_FILE).exists():
             return False
         return (self.path / RECIPE_FILE).is_file() or self._only_start_debris()
 
@@ -294,7 +219,7 @@ class RunDir:
         return bool(names) and debris == names and self.owner() is None
 
     def _not_a_tree(self) -> None:
-        if (self.path / "spec.json").is_file():
+        if (self.path / SPEC_FILE).is_file():
             raise HeadsurgeonError(f"output '{self.path}' is a head tree directory, not a run; to train that tree give "
                                    f"it as the recipe's tree (--set tree={self.path}) and choose another --output")
 
@@ -467,7 +392,7 @@ class RunDir:
         path = self.path / DATA_CONFIG_FILE
         if self._resume is not None and path.is_file():
             return
-        cfg = eval_config(recipe, spec.pretrained_cfg, spec.model_args.get("in_chans", 3))
+        cfg = eval_config(recipe.data, spec.pretrained_cfg, spec.model_args.get("in_chans", 3))
         with self._writing(DATA_CONFIG_FILE):
             write_json(path, {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()})
 
@@ -495,20 +420,10 @@ class RunDir:
         with self._writing(METRICS_FILE), open(self.path / METRICS_FILE, "a") as f:
             f.write(json.dumps(row) + "\n")  # a half-written line is replaced on --resume (rewrite_metrics)
 
-    def metrics(self) -> list[dict[str, Any]]:
+    def metrics(self) -> list[EpochRow]:
         """Every epoch's row; a line that is not a JSON object is refused, never skipped."""
-        p = self.path / METRICS_FILE
-        rows = []
-        for n, line in enumerate(p.read_text(errors="replace").splitlines() if p.exists() else [], 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if not isinstance(row, dict):
-                raise HeadsurgeonError(f"'{p}' line {n} is not a JSON object (a corrupt or edited file); "
-                                       f"`headsurgeon train --resume -o {self.path}` rewrites it from the checkpoint")
-            rows.append(row)
-        return rows
+        return read_metrics(self.path / METRICS_FILE, f"`headsurgeon train --resume -o {self.path}` rewrites it "
+                                                      f"from the checkpoint")
 
     def rewrite_metrics(self, history: list[dict[str, Any]]) -> list[int]:
         """Make ``metrics.jsonl`` the checkpoint's history (epochs after it are trained again).
@@ -547,7 +462,7 @@ class RunDir:
         """``history/epoch-NNN/`` (tree + record.json) for the ``keep`` best epochs so far, by the
         validation top-1 of each epoch's best head (timm's ``--checkpoint-hist``); worse ones are removed."""
         hist = self.path / HISTORY
-        score = lambda r: r["heads"][r["best_head"]]["val_top1"]  # noqa: E731
+        score = best_score
         kept = []
         for d in sorted(hist.glob("epoch-*")) if hist.is_dir() else []:
             try:
@@ -600,39 +515,24 @@ class RunDir:
         safetensors.torch.load_model(module, str(path), device=str(device))
 
     # -- summary and plot
-    def write_summary(self, summary: dict[str, Any]) -> None:
+    def write_summary(self, summary: RunSummary) -> None:
         with self._writing(SUMMARY_FILE):
             write_json(self.path / SUMMARY_FILE, summary)
 
-    def summary(self, heads: int | None = None) -> dict[str, Any] | None:
-        """``summary.json``, checked (see :func:`check_summary`); None if absent."""
+    def summary(self, heads: int | None = None) -> RunSummary | None:
+        """``summary.json``, checked (see :func:`headsurgeon.summary.check_summary`); None if absent."""
         return read_summary(self.path / SUMMARY_FILE, heads)
 
-    def best_record(self, heads: int | None = None) -> dict[str, Any] | None:
+    def best_record(self, heads: int | None = None) -> RunSummary | None:
         """The summary as of the epoch whose weights ``best/`` holds (None for runs older than records)."""
         return read_summary(self.best / RECORD_FILE, heads)
 
     def plot(self, history: list[dict[str, Any]]) -> bool:
         """``curves.png``: each head's and the ensemble's val/test top-1 per epoch. False without matplotlib."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = plots.pyplot()
+        if plt is None:
             return False
-        history = [h for h in history if "val" in h]  # evaluated epochs (recipe eval_every)
-        epochs = [h["epoch"] for h in history]
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-        for ax, split_ in zip(axes, ("val", "test")):
-            for i in range(len(history[0][split_]["heads"])):
-                ax.plot(epochs, [h[split_]["heads"][i]["top1"] for h in history], label=f"head {i}")
-            ax.plot(epochs, [h[split_]["ensemble"]["top1"] for h in history], "k--", label="ensemble")
-            ax.set_title(f"{split_} top-1 (%)")
-            ax.set_xlabel("epoch")
-            ax.grid(alpha=0.3)
-        axes[0].legend()
-        fig.tight_layout()
+        fig = plots.curves(plt, history)
         tmp = self.path / ".curves.tmp.png"
         try:
             with self._writing(CURVES_FILE):

@@ -23,30 +23,16 @@ TensorBoard events of later epochs are dropped (timm's ``trim_summary``, TensorB
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import HeadsurgeonError, first_line
-
-if TYPE_CHECKING:
-    from .train import Run
+from .recipe import missing_extras
 
 SUMMARY_CSV = "summary.csv"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_DIR = "wandb"
-# recipe key -> (module that must be importable, the pip extra that installs it)
-EXTRAS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
-
-
-def missing(key: str) -> str | None:
-    """One line naming the extra to install when ``log.<key>`` cannot work here, else None."""
-    module, extra = EXTRAS[key]
-    if importlib.util.find_spec(module) is None:
-        return (f"'log.{key}: true' needs the {module} package, which is not installed; "
-                f"pip install 'headsurgeon[{extra}]' (or set log.{key}: false)")
-    return None
 
 
 def scalars(row: dict[str, Any], best: dict[str, Any] | None = None,
@@ -97,7 +83,10 @@ def csv_columns(row: dict[str, Any], best: dict[str, Any] | None = None,
 
 
 class Trackers:
-    """Every tracker of one run; :meth:`epoch` once per finished epoch, :meth:`close` at the end."""
+    """Every tracker of one run; :meth:`epoch` once per finished epoch, :meth:`close` at the end.
+
+    Built from plain values (the run's folder, its recipe, the epoch it starts at, the training images
+    per epoch), not from the trainer's state, so tracking depends on nothing above the recipe."""
 
     def __init__(self, directory: str | Path, recipe: Any, start: int = 0, train_images: int | None = None,
                  log: Callable[[str], None] = print):
@@ -106,7 +95,7 @@ class Trackers:
         self.train_images = train_images
         self.tb = self.wandb = None
         cfg = recipe.log
-        problems = [m for m in (missing(k) for k in EXTRAS if getattr(cfg, k)) if m]
+        problems = missing_extras(cfg)
         if problems:
             raise HeadsurgeonError("; ".join(problems))
         from timm.utils import summary as timm_summary
@@ -175,11 +164,6 @@ def _wandb_run(directory: Path, recipe: Any, start: int, log: Callable[[str], No
     mode = getattr(run.settings, "mode", None) or "online"
     log(f"Weights & Biases run {run.name} ({mode}) in {where}")
     return run
-
-
-def start(run: "Run") -> Trackers:
-    """The trackers of a built run (call on the primary process only)."""
-    return Trackers(run.dir.path, run.recipe, run.start, len(run.splits.train), run.log)
 
 
 def read_csv(path: str | Path) -> Iterator[dict[str, str]]:

@@ -2,16 +2,20 @@
 
 ``train`` builds everything a run needs (:func:`build`), restores a checkpoint when resuming
 (:func:`restore`), then runs epochs (:func:`train_epoch`, :func:`evaluate`). Every file of the
-run goes through :class:`~headsurgeon.rundir.RunDir`, whose docstring lists the layout.
+run goes through :class:`~headsurgeon.rundir.RunDir`, whose docstring lists the layout; what the
+result files hold is :mod:`headsurgeon.summary`. The RNG state a bit-identical resume needs is taken
+here (:func:`rng_state`): it is the loop's state, which ``rundir`` only stores.
 """
 from __future__ import annotations
 
 import contextlib
 import gc
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from . import data as D
@@ -19,8 +23,8 @@ from . import objectives as O
 from . import recipe as R
 from . import tracking
 from .errors import HeadsurgeonError, first_line
-from .rundir import EMA_FILE, OBJECTIVE_FILE, RUNS, STATE_FILE, RunDir, latest_run, new_run_path, rng_state, \
-    set_rng_state
+from .rundir import EMA_FILE, OBJECTIVE_FILE, RUNS, STATE_FILE, RunDir, latest_run, new_run_path
+from .summary import RunSummary
 from .surgery import split
 from .task import CollaborativeTask, evaluate, evaluate_fit, temporal_mean
 from .trace import allow_leaf_modules
@@ -43,6 +47,22 @@ def objective_for(recipe: R.Recipe) -> O.Objective:
     params = {f.name: keys[f.name] for f in fields(O.OBJECTIVES[loss.objective])
               if f.name in keys and keys[f.name] is not None}
     return O.get(loss.objective, **params)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step draws from (data order, augmentation, dropout), for a bit-identical resume."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 # ------------------------------------------------------------------------------- building a run
@@ -195,25 +215,58 @@ def tree_for(recipe: R.Recipe, classes: int) -> HeadTree:
 def build(recipe: R.Recipe, name: str = "run", output: str | None = None, resume: bool = False,
           log: Callable[[str], None] = print) -> Run:
     """Process group, run directory (locked), data, tree, objective, optimizer, schedule, AMP, EMA, DDP."""
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-    from timm.utils import NativeScaler, random_seed
+    from timm.utils import random_seed
 
     r = recipe
     proc = _process(r.device)
     log = log if proc.primary else (lambda message: None)
     run_dir = _run_dir(r, name, output, resume, proc, log)
     random_seed(r.seed, proc.rank)
-    splits = D.splits(r)
+    splits = D.splits(r.data)
     with allow_leaf_modules(r.split.leaf_modules):  # the recipe names the classes its tree may import
         tree = HeadTree.load(run_dir.resume_state()[0]) if resume else tree_for(r, splits.num_classes)
+    autocast, scaler = _amp(r, proc, log)
+    task, data_cfg = _task(r, proc, tree)
+    optimizer = _optimizer(r, task)
+    if r.compile:
+        task.compile(backend=r.compile if isinstance(r.compile, str) else "inductor")
+    if proc.distributed:
+        task.prepare_distributed(device_ids=[proc.device.index] if proc.device.type == "cuda" else None)
+    train_loader = D.loader(splits.train, r.data, data_cfg, True, proc.device, proc.distributed)
+    evals = {k: D.loader(D.shard(getattr(splits, k), proc.rank, proc.world), r.data, data_cfg, False, proc.device)
+             for k in ("val", "test")}
+    if proc.primary:
+        _warn_slow_mean(task.ema, r.epochs * _updates(len(train_loader), r), "loss.ema_decay" if r.loss.objective == "pcl"
+                        else "ema", log)
+    scheduler = _scheduler(r, optimizer, len(train_loader))
+    if proc.primary:  # only after everything that can refuse the input (a batch larger than the data, an optimizer
+        run_dir.lock()  # timm cannot make): a bad recipe writes nothing and leaves no lock; train() unlocks
+        run_dir.clean_partial()
+    fit_eval = None
+    if r.log.fit_every:  # the training images with their true labels; the flips are applied when counting
+        own = D.shard(splits.train, proc.rank, proc.world)
+        fit_eval = (D.loader(D.View(own.base, own.indices, None, splits.num_classes), r.data, data_cfg, False,
+                             proc.device), own.offsets)
+    return Run(r, proc, run_dir, splits, task, optimizer, scheduler, scaler, autocast, train_loader, evals, log,
+               mixup_for(r, splits.num_classes), fit_eval=fit_eval)
 
-    dev, cuda = proc.device, proc.device.type == "cuda"
+
+def _amp(r: R.Recipe, proc: Process, log: Callable[[str], None]) -> tuple[Callable, Any]:
+    """The autocast context of the forward pass (``amp``: CUDA only) and fp16's gradient scaler (else None)."""
+    from timm.utils import NativeScaler
+
+    cuda = proc.device.type == "cuda"
     if r.amp and not cuda:
         log("amp is for CUDA; training in fp32 on CPU")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.amp) if cuda else None
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    scaler = NativeScaler() if amp_dtype == torch.float16 else None
+    return autocast, NativeScaler() if amp_dtype == torch.float16 else None
+
+
+def _task(r: R.Recipe, proc: Process, tree: HeadTree) -> tuple[CollaborativeTask, dict[str, Any]]:
+    """The tree on its device (sync BN, gradient checkpointing, channels-last as the recipe says) inside
+    the task with the recipe's objective and EMA, and the run's preprocessing."""
+    dev, cuda = proc.device, proc.device.type == "cuda"
     if proc.distributed and r.sync_bn and cuda:
         from timm.layers import convert_sync_batchnorm
         tree = convert_sync_batchnorm(tree)
@@ -221,52 +274,44 @@ def build(recipe: R.Recipe, name: str = "run", output: str | None = None, resume
     tree.set_grad_checkpointing(r.grad_checkpointing)
     if r.channels_last:
         tree.to(memory_format=torch.channels_last)
-
     spec = tree.spec
-    data_cfg = D.data_config(r, spec.pretrained_cfg, spec.model_args.get("in_chans", 3))
+    data_cfg = D.data_config(r.data, spec.pretrained_cfg, spec.model_args.get("in_chans", 3))
     task = CollaborativeTask(tree, objective_for(r), ema=r.ema, input_size=data_cfg["input_size"])
     task.to(dev)
+    return task, data_cfg
 
-    # weight decay skips biases, norms and the model's own no_weight_decay() names (the task maps them); the
-    # objective's gate or ensemble is decayed like the heads (and its biases not, by timm's rule)
+
+def _optimizer(r: R.Recipe, task: CollaborativeTask) -> Any:
+    """timm's optimizer of the recipe's ``optim.*`` over the task; one line for what timm cannot make.
+
+    Weight decay skips biases, norms and the model's own no_weight_decay() names (the task maps them);
+    the objective's gate or ensemble is decayed like the heads (and its biases not, by timm's rule)."""
+    from timm.optim import create_optimizer_v2
+
     extra_opt = {k: v for k, v in (("eps", r.optim.opt_eps), ("betas", r.optim.opt_betas)) if v is not None}
     if "betas" in extra_opt:
         extra_opt["betas"] = tuple(extra_opt["betas"])
     try:
-        optimizer = create_optimizer_v2(task, opt=r.optim.opt, lr=r.optim.lr, weight_decay=r.optim.weight_decay,
-                                        momentum=r.optim.momentum, layer_decay=r.optim.layer_decay, **extra_opt)
+        return create_optimizer_v2(task, opt=r.optim.opt, lr=r.optim.lr, weight_decay=r.optim.weight_decay,
+                                   momentum=r.optim.momentum, layer_decay=r.optim.layer_decay, **extra_opt)
     except (ValueError, TypeError, AssertionError, IndexError, KeyError) as e:  # optim.opt_betas=[0.9]: IndexError
         raise HeadsurgeonError(f"optimizer '{r.optim.opt}' cannot be created: {first_line(e)} (check the optim.* keys, "
                                f"e.g. opt_betas: adam-like optimizers take 2; timm.optim.list_optimizers() names "
                                f"the optimizers)") from None
-    if r.compile:
-        task.compile(backend=r.compile if isinstance(r.compile, str) else "inductor")
-    if proc.distributed:
-        task.prepare_distributed(device_ids=[dev.index] if cuda else None)
 
-    train_loader = D.loader(splits.train, r, data_cfg, True, dev, proc.distributed)
-    evals = {k: D.loader(D.shard(getattr(splits, k), proc.rank, proc.world), r, data_cfg, False, dev)
-             for k in ("val", "test")}
-    if proc.primary:
-        _warn_slow_mean(task.ema, r.epochs * _updates(len(train_loader), r), "loss.ema_decay" if r.loss.objective == "pcl"
-                        else "ema", log)
-    scheduler = None
-    if r.sched.sched != "none":
-        scheduler, _ = create_scheduler_v2(
-            optimizer, sched=r.sched.sched, num_epochs=r.epochs, warmup_epochs=r.sched.warmup_epochs,
-            warmup_lr=r.sched.warmup_lr, min_lr=r.sched.min_lr, decay_epochs=r.sched.decay_epochs,
-            decay_milestones=r.sched.decay_milestones, decay_rate=r.sched.decay_rate,
-            step_on_epochs=r.sched.step_on_epochs, updates_per_epoch=_updates(len(train_loader), r))
-    if proc.primary:  # only after everything that can refuse the input (a batch larger than the data, an optimizer
-        run_dir.lock()  # timm cannot make): a bad recipe writes nothing and leaves no lock; train() unlocks
-        run_dir.clean_partial()
-    fit_eval = None
-    if r.log.fit_every:  # the training images with their true labels; the flips are applied when counting
-        own = D.shard(splits.train, proc.rank, proc.world)
-        fit_eval = (D.loader(D.View(own.base, own.indices, None, splits.num_classes), r, data_cfg, False, dev),
-                    own.offsets)
-    return Run(r, proc, run_dir, splits, task, optimizer, scheduler, scaler, autocast, train_loader, evals, log,
-               mixup_for(r, splits.num_classes), fit_eval=fit_eval)
+
+def _scheduler(r: R.Recipe, optimizer: Any, batches: int) -> Any:
+    """timm's schedule of the recipe's ``sched.*`` (None for ``sched: none``), stepped per update or epoch."""
+    from timm.scheduler import create_scheduler_v2
+
+    if r.sched.sched == "none":
+        return None
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=r.sched.sched, num_epochs=r.epochs, warmup_epochs=r.sched.warmup_epochs,
+        warmup_lr=r.sched.warmup_lr, min_lr=r.sched.min_lr, decay_epochs=r.sched.decay_epochs,
+        decay_milestones=r.sched.decay_milestones, decay_rate=r.sched.decay_rate,
+        step_on_epochs=r.sched.step_on_epochs, updates_per_epoch=_updates(batches, r))
+    return scheduler
 
 
 def _warn_slow_mean(ema: Any, steps: int, key: str, log: Callable[[str], None]) -> None:
@@ -329,22 +374,15 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, list[float], dict[str, Any
     scaled by its share of the group; DDP syncs gradients only on the group's last micro-batch),
     and the scheduler, EMA and clipping run per optimizer step, as in timm's train.py.
     """
-    from timm.utils import dispatch_clip_grad
     from tqdm import tqdm
 
-    r, dev, tree, loader = run.recipe, run.proc.device, run.tree, run.train_loader
+    r, dev, loader = run.recipe, run.proc.device, run.train_loader
     steps, accum = len(loader), r.optim.grad_accum_steps
     updates = _updates(steps, r)
-    heads = tree.num_heads
-    total = torch.zeros((), device=dev)
-    hits = torch.zeros(heads, device=dev)
-    terms = torch.zeros(3, heads, device=dev)  # hard, soft, extra (teacher CE, in slot 0)
-    seen, has_teacher = 0, False
     rec, run.recovery = run.recovery, None
+    sums = _Sums.begin(run.tree.num_heads, dev, rec)
     if rec is not None:  # the RNG of the epoch's start: the same data order and augmentation draws
         set_rng_state(rec["epoch_rng"][run.proc.rank])
-        total, hits, terms = (rec["sums"][k].to(dev) for k in ("total", "hits", "terms"))
-        seen = rec["sums"]["seen"]
     epoch_rng = _gather(run, rng_state())
     task = run.task
     task.train()  # PCL's temporal mean too: it runs on each batch in train mode, as the re-implementation does
@@ -354,7 +392,6 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, list[float], dict[str, Any
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{r.epochs}", leave=False,
                disable=None if run.proc.primary else True, dynamic_ncols=True)
     params = [p for p in task.parameters() if p.requires_grad]
-    clip = r.optim.clip_grad
     for step, (x, y) in enumerate(bar):
         if rec is not None and step < rec["step"]:  # trained before the kill: replay the batch, skip the step
             if step == rec["step"] - 1:
@@ -369,56 +406,99 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, list[float], dict[str, Any
             x, target = mixup(x, y)
         if r.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        sync = contextlib.nullcontext() if last or not run.proc.distributed else task.no_sync()
-        with sync:
-            with run.autocast():
-                out = task(x, target)
-            outs, loss = out.logits, out.loss
-            if not torch.isfinite(loss).item():
-                raise HeadsurgeonError(f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1}; stopped, keeping "
-                                       f"the last good checkpoint in {run.dir.last} (lower optim.lr, or turn amp off)")
-            if first:
-                run.optimizer.zero_grad(set_to_none=True)
-            scaled = loss / group if group > 1 else loss
-            if run.scaler is not None:
-                run.scaler(scaled, run.optimizer, clip_grad=clip, clip_mode=r.optim.clip_mode, parameters=params,
-                           need_update=last)
-            else:
-                scaled.backward()
-                if last:
-                    if clip:
-                        dispatch_clip_grad(params, clip, mode=r.optim.clip_mode)
-                    run.optimizer.step()
+        out = _step(run, x, target, params, first, last, group, f"epoch {epoch + 1} step {step + 1}")
         if last:
             task.after_step(step=epoch * updates + update)
             if run.scheduler is not None:
                 run.scheduler.step_update(epoch * updates + update + 1)
-        with torch.no_grad():
-            total += loss.detach() * len(y)
-            hits += torch.stack([(o.argmax(1) == y).sum() for o in outs]).float()
-            terms[0] += torch.stack(out.hard) * len(y)
-            terms[1] += torch.stack(out.soft) * len(y)
-            if "teacher_ce" in out.extra:
-                terms[2, 0] += out.extra["teacher_ce"] * len(y)
-                has_teacher = True
-            seen += len(y)
+        sums.add(out, y)
         if last and r.recovery_interval and (update + 1) % r.recovery_interval == 0 and step < steps - 1:
-            _recovery_point(run, epoch, step + 1, epoch_rng,
-                            {"total": total.cpu(), "hits": hits.cpu(), "terms": terms.cpu(), "seen": seen})
+            _recovery_point(run, epoch, step + 1, epoch_rng, sums.state())
         if run.proc.primary and (step % 10 == 0 or step == steps - 1) and not bar.disable:
-            acc = " ".join(f"{a:.0f}" for a in (hits * 100 / seen).tolist())
-            bar.set_postfix_str(f"loss {total.item() / seen:.3f} acc/head {acc}")
+            acc = " ".join(f"{a:.0f}" for a in (sums.hits * 100 / sums.seen).tolist())
+            bar.set_postfix_str(f"loss {sums.total.item() / sums.seen:.3f} acc/head {acc}")
     bar.close()
-    stats = torch.cat([total.reshape(1), torch.tensor([float(seen)], device=dev), hits, terms.flatten()])
-    if run.proc.distributed:
-        torch.distributed.all_reduce(stats)
-    n = stats[1].item()
-    fit = [round(h * 100 / n, 2) for h in stats[2:2 + heads].tolist()]
-    t = (stats[2 + heads:].reshape(3, heads) / n).tolist()
-    logged = {"objective": run.objective.name, "hard": [round(v, 5) for v in t[0]], "soft": [round(v, 5) for v in t[1]]}
-    if has_teacher:  # the objective reported its learned teacher's CE (ONE, PCL)
-        logged["teacher_ce"] = round(t[2][0], 5)
-    return stats[0].item() / n, fit, logged
+    return sums.result(run)
+
+
+def _step(run: Run, x: torch.Tensor, target: torch.Tensor, params: list[torch.nn.Parameter], first: bool,
+          last: bool, group: int, where: str) -> Any:
+    """One micro-batch: forward, the loss checked finite, backward scaled by its share of the group of
+    ``group``; on the group's ``last`` micro-batch clipping and the optimizer step (else DDP does not sync).
+    Returns the task's :class:`~headsurgeon.objectives.LossOut`."""
+    from timm.utils import dispatch_clip_grad
+
+    r, task, clip = run.recipe, run.task, run.recipe.optim.clip_grad
+    sync = contextlib.nullcontext() if last or not run.proc.distributed else task.no_sync()
+    with sync:
+        with run.autocast():
+            out = task(x, target)
+        loss = out.loss
+        if not torch.isfinite(loss).item():
+            raise HeadsurgeonError(f"loss is {loss.item()} at {where}; stopped, keeping "
+                                   f"the last good checkpoint in {run.dir.last} (lower optim.lr, or turn amp off)")
+        if first:
+            run.optimizer.zero_grad(set_to_none=True)
+        scaled = loss / group if group > 1 else loss
+        if run.scaler is not None:
+            run.scaler(scaled, run.optimizer, clip_grad=clip, clip_mode=r.optim.clip_mode, parameters=params,
+                       need_update=last)
+        else:
+            scaled.backward()
+            if last:
+                if clip:
+                    dispatch_clip_grad(params, clip, mode=r.optim.clip_mode)
+                run.optimizer.step()
+    return out
+
+
+@dataclass
+class _Sums:
+    """An epoch's running sums on the device: loss, each head's hits, the objective's terms (hard, soft,
+    extra: the teacher CE in slot 0) and the samples seen; a mid-epoch point saves them (``sums``)."""
+    total: torch.Tensor
+    hits: torch.Tensor
+    terms: torch.Tensor
+    seen: int = 0
+    has_teacher: bool = False
+
+    @classmethod
+    def begin(cls, heads: int, dev: torch.device, rec: dict[str, Any] | None) -> "_Sums":
+        """Zero, or where a mid-epoch point ``rec`` left them."""
+        if rec is None:
+            return cls(torch.zeros((), device=dev), torch.zeros(heads, device=dev), torch.zeros(3, heads, device=dev))
+        total, hits, terms = (rec["sums"][k].to(dev) for k in ("total", "hits", "terms"))
+        return cls(total, hits, terms, rec["sums"]["seen"])
+
+    def add(self, out: Any, y: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.total += out.loss.detach() * len(y)
+            self.hits += torch.stack([(o.argmax(1) == y).sum() for o in out.logits]).float()
+            self.terms[0] += torch.stack(out.hard) * len(y)
+            self.terms[1] += torch.stack(out.soft) * len(y)
+            if "teacher_ce" in out.extra:
+                self.terms[2, 0] += out.extra["teacher_ce"] * len(y)
+                self.has_teacher = True
+            self.seen += len(y)
+
+    def state(self) -> dict[str, Any]:
+        return {"total": self.total.cpu(), "hits": self.hits.cpu(), "terms": self.terms.cpu(), "seen": self.seen}
+
+    def result(self, run: Run) -> tuple[float, list[float], dict[str, Any]]:
+        """Summed over the ranks: the mean loss, each head's training top-1, the objective's mean terms."""
+        heads = len(self.hits)
+        stats = torch.cat([self.total.reshape(1), torch.tensor([float(self.seen)], device=run.proc.device),
+                           self.hits, self.terms.flatten()])
+        if run.proc.distributed:
+            torch.distributed.all_reduce(stats)
+        n = stats[1].item()
+        fit = [round(h * 100 / n, 2) for h in stats[2:2 + heads].tolist()]
+        t = (stats[2 + heads:].reshape(3, heads) / n).tolist()
+        logged = {"objective": run.objective.name, "hard": [round(v, 5) for v in t[0]],
+                  "soft": [round(v, 5) for v in t[1]]}
+        if self.has_teacher:  # the objective reported its learned teacher's CE (ONE, PCL)
+            logged["teacher_ce"] = round(t[2][0], 5)
+        return stats[0].item() / n, fit, logged
 
 
 def _gather(run: Run, obj: Any) -> list[Any]:
@@ -447,7 +527,7 @@ def _recovery_point(run: Run, epoch: int, step: int, epoch_rng: list[Any], sums:
     run.dir.save_last(run.tree, state, run.ema.module if run.ema is not None else None, run.modules, where="recovery")
 
 
-def _summary(run: Run, finished: bool, wall: float, best: dict[str, Any] | None = None) -> dict[str, Any]:
+def _summary(run: Run, finished: bool, wall: float, best: dict[str, Any] | None = None) -> RunSummary:
     """The run's summary: accuracies at the best epoch (or at ``best``, another epoch's choice)."""
     best = best or run.best
     row = run.history[best["epoch"] - 1]
@@ -499,8 +579,6 @@ def _checkpoint(run: Run, epoch: int, improved: bool, judged: HeadTree, t0: floa
 
 def fit(run: Run, stop_after: int | None = None) -> dict[str, Any]:
     """The epoch loop: train, average BN over ranks, evaluate, step the schedule, checkpoint."""
-    from timm.utils import distribute_bn
-
     r, proc = run.recipe, run.proc
     if proc.primary:  # a resumed run's recipe differs at most in resume-free keys or a longer `epochs`
         run.dir.write_recipe(r)
@@ -510,44 +588,16 @@ def fit(run: Run, stop_after: int | None = None) -> dict[str, Any]:
                                                                          else "") + f"; run dir {run.dir}")
     end = r.epochs if stop_after is None else min(r.epochs, run.start + stop_after)
     run.t_start = time.time()
-    trackers = tracking.start(run) if proc.primary else None  # summary.csv, TensorBoard, W&B (recipe log.*)
+    trackers = tracking.Trackers(run.dir.path, r, run.start, len(run.splits.train), run.log) \
+        if proc.primary else None  # summary.csv, TensorBoard, W&B (recipe log.*)
     t0 = run.t_start - run.wall_before
     for epoch in range(run.start, end):
-        if proc.distributed:
-            run.train_loader.sampler.set_epoch(epoch)
-        try:
-            t_train = time.time()
-            loss, fit_, terms = train_epoch(run, epoch)
-            t_train = time.time() - t_train
-        except torch.cuda.OutOfMemoryError:
-            raise HeadsurgeonError(f"CUDA out of memory at batch size {r.data.batch_size} per process; use a smaller "
-                                   f"batch, e.g. --set data.batch_size={max(1, r.data.batch_size // 2)}") from None
-        if proc.distributed and not (r.sync_bn and proc.device.type == "cuda"):
-            distribute_bn(run.tree, proc.world, reduce=True)  # average BN running stats over ranks
-            if run.objective.needs_mean_logits:  # PCL's temporal mean updates its own BN stats on each rank's batches
-                distribute_bn(run.ema.module, proc.world, reduce=True)
-        lr = run.optimizer.param_groups[0]["lr"]  # the lr this epoch ended with (before the epoch step)
+        *trained, t_train = _train_and_sync(run, epoch)
         judged = run.task.evaluated_tree
-        evaluated = (epoch + 1) % r.eval_every == 0 or epoch + 1 == r.epochs
-        metrics = {k: evaluate(judged, v, proc.device, run.autocast, r.channels_last, proc.distributed)
-                   for k, v in run.eval_loaders.items()} if evaluated else {}
-        if run.scheduler is not None:
-            run.scheduler.step(epoch + 1, max(h["top1"] for h in metrics["val"]["heads"]) if evaluated else None)
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss, "train_top1": fit_, "loss_terms": terms,
-               "time_s": round(time.time() - t0, 2), **metrics}
-        if run.fit_eval is not None and ((epoch + 1) % r.log.fit_every == 0 or epoch + 1 == r.epochs):
-            row["fit"] = evaluate_fit(judged, *run.fit_eval, run.splits.num_classes, proc.device, run.autocast,
-                                      r.channels_last, proc.distributed)
-        run.history.append(row)
-        improved = False
-        if evaluated:
-            head = max(range(run.tree.num_heads), key=lambda h: metrics["val"]["heads"][h]["top1"])
-            improved = run.best is None or metrics["val"]["heads"][head]["top1"] > run.best["val_top1"]
-            if improved:
-                run.best = {"epoch": epoch + 1, "head": head, "val_top1": metrics["val"]["heads"][head]["top1"]}
+        row, improved = _evaluate_epoch(run, epoch, judged, *trained, t0)
         if proc.primary:
             run.dir.append_metrics(row)
-            if evaluated:  # the trackers' rows are evaluated epochs (timm's summary.csv has eval columns)
+            if "val" in row:  # the trackers' rows are evaluated epochs (timm's summary.csv has eval columns)
                 trackers.epoch(row, run.best, train_s=t_train)
         _checkpoint(run, epoch, improved, judged, t0)
         if proc.primary:
@@ -556,6 +606,60 @@ def fit(run: Run, stop_after: int | None = None) -> dict[str, Any]:
             torch.distributed.barrier()
     if trackers is not None:
         trackers.close()
+    return _finish(run, t0)
+
+
+def _train_and_sync(run: Run, epoch: int) -> tuple[float, list[float], dict[str, Any], float]:
+    """:func:`train_epoch` (CUDA out of memory as one line naming a batch size that fits better), then
+    BN running statistics averaged over the ranks; also returns the seconds the training took."""
+    from timm.utils import distribute_bn
+
+    r, proc = run.recipe, run.proc
+    if proc.distributed:
+        run.train_loader.sampler.set_epoch(epoch)
+    try:
+        t_train = time.time()
+        loss, fit_, terms = train_epoch(run, epoch)
+        t_train = time.time() - t_train
+    except torch.cuda.OutOfMemoryError:
+        raise HeadsurgeonError(f"CUDA out of memory at batch size {r.data.batch_size} per process; use a smaller "
+                               f"batch, e.g. --set data.batch_size={max(1, r.data.batch_size // 2)}") from None
+    if proc.distributed and not (r.sync_bn and proc.device.type == "cuda"):
+        distribute_bn(run.tree, proc.world, reduce=True)  # average BN running stats over ranks
+        if run.objective.needs_mean_logits:  # PCL's temporal mean updates its own BN stats on each rank's batches
+            distribute_bn(run.ema.module, proc.world, reduce=True)
+    return loss, fit_, terms, t_train
+
+
+def _evaluate_epoch(run: Run, epoch: int, judged: HeadTree, loss: float, fit_: list[float], terms: dict[str, Any],
+                    t0: float) -> tuple[dict[str, Any], bool]:
+    """The epoch's row (evaluated every ``eval_every`` epochs and at the last), the schedule's epoch step,
+    and the run's best head by validation; returns the row and whether the best improved."""
+    r, proc = run.recipe, run.proc
+    lr = run.optimizer.param_groups[0]["lr"]  # the lr this epoch ended with (before the epoch step)
+    evaluated = (epoch + 1) % r.eval_every == 0 or epoch + 1 == r.epochs
+    metrics = {k: evaluate(judged, v, proc.device, run.autocast, r.channels_last, proc.distributed)
+               for k, v in run.eval_loaders.items()} if evaluated else {}
+    if run.scheduler is not None:
+        run.scheduler.step(epoch + 1, max(h["top1"] for h in metrics["val"]["heads"]) if evaluated else None)
+    row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss, "train_top1": fit_, "loss_terms": terms,
+           "time_s": round(time.time() - t0, 2), **metrics}
+    if run.fit_eval is not None and ((epoch + 1) % r.log.fit_every == 0 or epoch + 1 == r.epochs):
+        row["fit"] = evaluate_fit(judged, *run.fit_eval, run.splits.num_classes, proc.device, run.autocast,
+                                  r.channels_last, proc.distributed)
+    run.history.append(row)
+    improved = False
+    if evaluated:
+        head = max(range(run.tree.num_heads), key=lambda h: metrics["val"]["heads"][h]["top1"])
+        improved = run.best is None or metrics["val"]["heads"][head]["top1"] > run.best["val_top1"]
+        if improved:
+            run.best = {"epoch": epoch + 1, "head": head, "val_top1": metrics["val"]["heads"][head]["top1"]}
+    return row, improved
+
+
+def _finish(run: Run, t0: float) -> dict[str, Any]:
+    """The summary :func:`train` returns; the primary also writes it and ``curves.png``."""
+    r, proc = run.recipe, run.proc
     if run.best is None:  # stopped (stop_after) before the first evaluated epoch (eval_every): nothing chosen yet
         return {"run": str(run.dir), "finished": False, "epochs_done": len(run.history), "epochs": r.epochs,
                 "best_epoch": None, "wall_time_s": round(time.time() - t0, 1)}
