@@ -14,8 +14,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# two pytest workers (pytest-xdist), one file each at a time, so module fixtures are built once: the suite
+# (one OpenMP thread per test process, tests/conftest.py) takes about half the wall time on 2 cores
+PYTEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n $(PYTEST_WORKERS) --dist loadfile
 	$(MAKE) docs
 
 # the docs site (site/); --strict turns a broken link, page or API reference into a failure
