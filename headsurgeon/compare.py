@@ -804,7 +804,7 @@ def report_text(s: Mapping[str, Any]) -> str:
 
 
 def plot(s: Mapping[str, Any], path: Path) -> str | None:
-    """Paired gain ± 2 SE per variant and noise rate (deployed head and ensemble)."""
+    """Paired gain ± 2 SE per variant and noise rate (deployed head, its final epoch, the ensemble)."""
     try:
         import matplotlib
 
@@ -816,14 +816,15 @@ def plot(s: Mapping[str, Any], path: Path) -> str | None:
     fig, axes = plt.subplots(1, max(1, len(stats)), figsize=(5.5 * max(1, len(stats)), 3.8), squeeze=False)
     for ax, (k, rows) in zip(axes[0], stats.items()):
         names = [v for v in rows if v != BASELINE]
-        for j, (what, color) in enumerate((("deployed", "C0"), ("ensemble", "C1"))):
+        for j, (what, color) in enumerate((("deployed", "C0"), ("final", "C2"), ("ensemble", "C1"))):
             ys = [rows[v].get(f"gain_{what}") for v in names]
             es = [2 * (rows[v].get(f"se_{what}") or 0) for v in names]
-            xs = [i + (j - 0.5) * 0.3 for i in range(len(names))]
+            xs = [i + (j - 1) * 0.2 for i in range(len(names))]
             ax.errorbar([x for x, y in zip(xs, ys) if y is not None], [y for y in ys if y is not None],
                         yerr=[e for e, y in zip(es, ys) if y is not None], fmt="o", color=color, capsize=3,
                         label=f"{what} ± 2 SE")
         ax.axhline(0, color="k", lw=1)
+        ax.set_xlim(-0.6, len(names) - 0.4)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set_ylabel("gain over single (pp test top-1)")
         ax.set_title(f"label noise {float(k):.0%}")
