@@ -400,26 +400,6 @@ def plan(recipe: str | os.PathLike | None, variants: Sequence[str], sets: Sequen
     return base, out
 
 
-@dataclass
-class Study:
-    """A study folder: its recipe, variants and cells."""
-    root: Path
-
-    @property
-    def spec(self) -> dict[str, Any] | None:
-        p = self.root / STUDY_FILE
-        if not p.is_file():
-            return None
-        try:
-            return json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise HeadsurgeonError(f"'{p}' is unreadable ({first_line(e)}); restore it or start a new study with "
-                                   f"another -o") from None
-
-    def cells(self) -> list[dict[str, Any]]:
-        return read_cells(self.root)
-
-
 def _executor(kind: str, root: Path, jobs: int, slurm: Mapping[str, Any]) -> Any:
     """A ``concurrent.futures``-like pool: ``submit(fn, *args)`` → a future with ``done()`` and ``result()``."""
     if kind == "process" and jobs == 1:
@@ -526,9 +506,39 @@ def compare(recipe: str | os.PathLike | None, variants: Sequence[str], output: s
     """Run every missing cell of the study in ``output`` and write its report; returns the report's numbers.
 
     A rerun with more seeds, noise rates or variants runs only the new cells; a finished cell is never
-    rerun or rewritten; a failed one is retried. Local workers are spawned processes, so a script that
-    calls this needs the ``if __name__ == "__main__":`` guard (as for a DataLoader with workers). ``executor``: 'process' (``jobs`` local workers,
-    cores/jobs threads each), 'submitit-local' or 'slurm' (cells as submitit jobs, ``jobs`` at a time)."""
+    rerun or rewritten; a failed one is retried. ``executor``: 'process' (``jobs`` local workers, cores/jobs
+    threads each; ``jobs=1`` trains in this process), 'submitit-local' or 'slurm' (cells as submitit jobs,
+    ``jobs`` at a time). Local workers are spawned processes, so a script that calls this with ``jobs > 1``
+    needs the ``if __name__ == "__main__":`` guard (as for a DataLoader with workers)."""
+    seed_list, noise_list, root = _check_args(executor, jobs, seeds, noise, output)
+    base, var_sets = plan(recipe, variants, sets, variants_file)
+    root.mkdir(parents=True, exist_ok=True)
+    with _study_lock(root):
+        var_sets = _open(root, base, var_sets)
+        cells = {c["key"]: c for c in read_cells(root)}
+        cells.update({c["key"]: c for c in _harvest(root, cells)})
+        names = list(dict.fromkeys([BASELINE, *variants]))
+        wanted = [Cell(v, n, s) for s in seed_list for n in noise_list for v in names]
+        todo = [c for c in wanted if cells.get(c.key, {}).get("status") != "ok"]
+        log(f"compare: {len(wanted)} cells ({len(wanted) - len(todo)} already finished in {root}), {len(todo)} to run "
+            f"with {jobs} {'worker' if executor == 'process' else executor + ' job'}(s); variants {', '.join(names)}; "
+            f"noise {', '.join(f'{n:g}' for n in noise_list)}; seeds {', '.join(map(str, seed_list))}")
+        # workers share the cores; inline (jobs=1) keeps this process's threads, slurm the job's CPUs
+        threads = None if executor == "slurm" or (executor == "process" and jobs == 1) else \
+            max(1, (os.cpu_count() or 1) // jobs)
+        t0 = time.time()
+        if todo:
+            with _executor(executor, root, jobs, slurm or {}) as pool:
+                runs = _run_all(pool, todo, str(root), var_sets, base.log.fit_every, base.epochs, threads, jobs)
+                for i, res in enumerate(runs, 1):
+                    _append_cell(root, res)
+                    if on_cell:
+                        on_cell(res)
+                    log(f"[{i}/{len(todo)} {time.time() - t0:.0f}s] {_cell_line(res)}")
+        return write_report(root, log=None)
+
+
+def _check_args(executor: str, jobs: Any, seeds: Any, noise: Any, output: Any) -> tuple[list[int], list[float], Path]:
     from .recipe import check_path_name
     from .storage import check_not_link
 
@@ -542,58 +552,43 @@ def compare(recipe: str | os.PathLike | None, variants: Sequence[str], output: s
     if root.exists() and not root.is_dir():
         raise HeadsurgeonError(f"-o '{root}' is a file; give a folder for the study")
     check_not_link(root)
-    base, var_sets = plan(recipe, variants, sets, variants_file)
+    return seed_list, noise_list, root
+
+
+def _open(root: Path, base: Any, var_sets: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Check a rerun against the study's recipe and variants (cells of another recipe would not pair) and
+    record them; returns every variant the study knows."""
     import yaml
 
     from .storage import write_text
 
-    base_text = yaml.safe_dump(base.nested(), sort_keys=True)
-    root.mkdir(parents=True, exist_ok=True)
-    with _study_lock(root):
-        study = Study(root)
-        old = study.spec
-        if old is not None:
-            if old["recipe"] != base_text:
-                raise HeadsurgeonError(f"study '{root}' was run with another recipe (or --set); its cells would not "
-                                       f"pair with these: rerun with the same recipe and --set, or choose another -o")
-            changed = [v for v in var_sets if v in old["variants"] and old["variants"][v] != var_sets[v]]
-            if changed:
-                raise HeadsurgeonError(f"variant(s) {', '.join(changed)} had other overrides in study '{root}' "
-                                       f"({old['variants'][changed[0]]}); rename the changed variant")
-            var_sets = {**old["variants"], **var_sets}
-        write_text(root / "recipe.yaml", base_text)
-        _atomic_json(root / STUDY_FILE, {"recipe": base_text, "variants": var_sets, "created_by": "headsurgeon compare"})
-        cells = {c["key"]: c for c in study.cells()}
-        harvested = _harvest(root, cells)
-        for c in harvested:
-            cells[c["key"]] = c
-        wanted = [Cell(v, n, s) for s in seed_list for n in noise_list for v in
-                  dict.fromkeys([BASELINE, *[x for x in variants if x in var_sets]])]
-        todo = [c for c in wanted if cells.get(c.key, {}).get("status") != "ok"]
-        fit_every, epochs = base.log.fit_every, base.epochs
-        log(f"compare: {len(wanted)} cells ({len(wanted) - len(todo)} already finished in {root}), {len(todo)} to run "
-            f"with {jobs} {'worker' if executor == 'process' else executor + ' job'}(s); variants "
-            f"{', '.join(dict.fromkeys([BASELINE, *variants]))}; noise {', '.join(f'{n:g}' for n in noise_list)}; "
-            f"seeds {', '.join(map(str, seed_list))}")
-        # workers share the cores; inline (jobs=1) keeps this process's threads, slurm the job's CPUs
-        threads = None if executor == "slurm" or (executor == "process" and jobs == 1) else \
-            max(1, (os.cpu_count() or 1) // jobs)
-        t0 = time.time()
-        if todo:
-            with _executor(executor, root, jobs, slurm or {}) as pool:
-                for i, res in enumerate(_run_all(pool, todo, str(root), var_sets, fit_every, epochs, threads, jobs), 1):
-                    _append_cell(root, res)
-                    cells[res["key"]] = res
-                    if on_cell:
-                        on_cell(res)
-                    if res["status"] == "ok":
-                        log(f"[{i}/{len(todo)} {time.time() - t0:.0f}s] {res['key']}: deployed {res['best']['deployed']:.2f}% "
-                            f"(epoch {res['best_epoch']}), final {res['final']['deployed']:.2f}%, ensemble "
-                            f"{res['best']['ensemble']:.2f}% [{res['wall_s']:.0f}s]")
-                    else:
-                        log(f"[{i}/{len(todo)} {time.time() - t0:.0f}s] {res['key']} failed: {res['error']}")
-        result = write_report(root, log=None)
-    return result
+    text = yaml.safe_dump(base.nested(), sort_keys=True)
+    p = root / STUDY_FILE
+    if p.is_file():
+        try:
+            old = json.loads(p.read_text())
+            old_recipe, old_variants = old["recipe"], dict(old["variants"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise HeadsurgeonError(f"'{p}' is unreadable ({first_line(e)}); restore it or start a new study with "
+                                   f"another -o") from None
+        if old_recipe != text:
+            raise HeadsurgeonError(f"study '{root}' was run with another recipe (or --set); its cells would not "
+                                   f"pair with these: rerun with the same recipe and --set, or choose another -o")
+        changed = [v for v in var_sets if v in old_variants and old_variants[v] != var_sets[v]]
+        if changed:
+            raise HeadsurgeonError(f"variant(s) {', '.join(changed)} had other overrides in study '{root}' "
+                                   f"({old_variants[changed[0]]}); rename the changed variant")
+        var_sets = {**old_variants, **var_sets}
+    write_text(root / "recipe.yaml", text)
+    _atomic_json(p, {"recipe": text, "variants": var_sets, "created_by": "headsurgeon compare"})
+    return var_sets
+
+
+def _cell_line(res: Mapping[str, Any]) -> str:
+    if res["status"] != "ok":
+        return f"{res['key']} failed: {res['error']}"
+    return (f"{res['key']}: deployed {res['best']['deployed']:.2f}% (epoch {res['best_epoch']}), final "
+            f"{res['final']['deployed']:.2f}%, ensemble {res['best']['ensemble']:.2f}% [{res['wall_s']:.0f}s]")
 
 
 def _harvest(root: Path, cells: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
