@@ -54,15 +54,7 @@ def split(model: str | nn.Module | Sequence[str | nn.Module], at: Sequence[str] 
             peer's, with a list of models.
     """
     at = [p for p in at.split(",") if p] if isinstance(at, str) else list(at)
-    if heads is not None and (not isinstance(heads, int) or isinstance(heads, bool) or heads < 1):
-        raise HeadsurgeonError(f"heads must be a positive integer, got {heads!r}")
-    nc = create_kwargs.get("num_classes")
-    if nc is not None and (not isinstance(nc, int) or nc < 1):
-        raise HeadsurgeonError(f"num_classes must be a positive integer, got {nc!r} (0 would leave the model "
-                               f"without a classifier: nothing to collapse into a classifier head)")
-    if input_size is not None and (len(input_size) != 3 or any(not isinstance(v, int) or v < 1 for v in input_size)):
-        raise HeadsurgeonError(f"input_size must be three positive integers (C, H, W), e.g. (3, 224, 224); "
-                               f"got {tuple(input_size)}")
+    _check_args(heads, create_kwargs.get("num_classes"), input_size)
     leaf_modules = import_classes(leaf_modules)
     if isinstance(model, (list, tuple)):
         return _split_peers(list(model), at, heads, fanout, rescale, branch_init, weights, seed, input_size, verify,
@@ -71,16 +63,7 @@ def split(model: str | nn.Module | Sequence[str | nn.Module], at: Sequence[str] 
         raise HeadsurgeonError("peer_kwargs are per peer: give a list of models (one per head), or put the kwargs "
                                "in create_kwargs")
     heads = 1 if heads is None else heads
-    if heads > 1 and not at:
-        raise HeadsurgeonError(f"{heads} heads need at least one split point; split at 'input' (--at input, at=['input']) "
-                               f"for independent instances")
-    fanout = default_fanout(heads, len(at)) if fanout is None else [int(f) for f in fanout]
-    if len(fanout) != len(at) or math.prod(fanout) != heads or any(f < 1 for f in fanout):
-        raise HeadsurgeonError(f"fan-out {fanout} does not match {len(at)} split point(s) and {heads} heads: "
-                               f"give one positive factor per split point whose product is {heads}")
-    if branch_init not in (None, *BRANCH_INITS):
-        raise HeadsurgeonError(f"branch_init must be one of {', '.join(BRANCH_INITS)}, got {branch_init!r}")
-
+    fanout = _tree_shape(heads, at, fanout, branch_init)
     src = models.source(model, create_kwargs, weights)
     m, label = src.model, src.name or type(src.model).__name__
     if branch_init == "pretrained" and src.trained is None:  # it would silently be 'independent'
@@ -115,6 +98,31 @@ def split(model: str | nn.Module | Sequence[str | nn.Module], at: Sequence[str] 
     tree = HeadTree(levels, spec)
     tree.train(m.training)
     return tree
+
+
+def _check_args(heads: Any, num_classes: Any, input_size: Sequence[int] | None) -> None:
+    if heads is not None and (not isinstance(heads, int) or isinstance(heads, bool) or heads < 1):
+        raise HeadsurgeonError(f"heads must be a positive integer, got {heads!r}")
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise HeadsurgeonError(f"num_classes must be a positive integer, got {num_classes!r} (0 would leave the model "
+                               f"without a classifier: nothing to collapse into a classifier head)")
+    if input_size is not None and (len(input_size) != 3 or any(not isinstance(v, int) or v < 1 for v in input_size)):
+        raise HeadsurgeonError(f"input_size must be three positive integers (C, H, W), e.g. (3, 224, 224); "
+                               f"got {tuple(input_size)}")
+
+
+def _tree_shape(heads: int, at: list[str], fanout: Sequence[int] | None, branch_init: str | None) -> list[int]:
+    """The fan-out per split point (default: most balanced), checked against the heads."""
+    if heads > 1 and not at:
+        raise HeadsurgeonError(f"{heads} heads need at least one split point; split at 'input' (--at input, at=['input']) "
+                               f"for independent instances")
+    fanout = default_fanout(heads, len(at)) if fanout is None else [int(f) for f in fanout]
+    if len(fanout) != len(at) or math.prod(fanout) != heads or any(f < 1 for f in fanout):
+        raise HeadsurgeonError(f"fan-out {fanout} does not match {len(at)} split point(s) and {heads} heads: "
+                               f"give one positive factor per split point whose product is {heads}")
+    if branch_init not in (None, *BRANCH_INITS):
+        raise HeadsurgeonError(f"branch_init must be one of {', '.join(BRANCH_INITS)}, got {branch_init!r}")
+    return fanout
 
 
 def _split_peers(items: list[str | nn.Module], at: list[str], heads: int | None, fanout: Sequence[int] | None,
