@@ -415,7 +415,11 @@ def _executor(kind: str, root: Path, jobs: int, slurm: Mapping[str, Any]) -> Any
         import submitit
     except ImportError:
         raise HeadsurgeonError(f"--executor {kind} needs submitit: pip install 'headsurgeon[cluster]'") from None
-    ex = submitit.AutoExecutor(folder=str(root / "submitit"), cluster="local" if kind == "submitit-local" else "slurm")
+    try:
+        ex = submitit.AutoExecutor(folder=str(root / "submitit"), cluster="local" if kind == "submitit-local" else "slurm")
+    except RuntimeError as e:  # no srun on PATH: not a Slurm machine
+        raise HeadsurgeonError(f"--executor {kind}: {first_line(e)}; run it on a Slurm login node, or use "
+                               f"--executor process") from None
     params = {"timeout_min": int(slurm.get("timeout_min") or 24 * 60), "cpus_per_task": int(slurm.get("cpus") or 4)}
     if kind == "slurm":
         params.update({"slurm_partition": slurm.get("partition"), "gpus_per_node": int(slurm.get("gpus") or 0),

@@ -231,3 +231,19 @@ def test_the_docs_variants_file_plans(tmp_path):
     vf.write_text(block)
     _, sets = C.plan(None, ["wide-one", "ls", "peers"], ["data.img_size=32"], vf)
     assert set(sets) == {"single", "wide-one", "ls", "peers"} and "loss.label_smoothing=0.1" in sets["ls"]
+
+
+def test_slurm_jobs_get_the_requested_resources(tmp_path, monkeypatch):
+    """No Slurm here: a fake `srun` on PATH lets submitit build its Slurm executor, whose parameters are what
+    sbatch would get; without one, --executor slurm is one line."""
+    with pytest.raises(HeadsurgeonError, match="--executor slurm: .*srun.*--executor process"):
+        monkeypatch.setenv("PATH", str(tmp_path))
+        C._executor("slurm", tmp_path / "s", 2, {})
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ.get('PATH', '')}")
+    ex = C._executor("slurm", tmp_path / "s", 2, {"partition": "gpu", "gpus": 1, "cpus": 8, "timeout_min": 90})
+    p = ex.ex._executor.parameters
+    assert (p["partition"], p["gpus_per_node"], p["cpus_per_task"], p["time"]) == ("gpu", 1, 8, 90)
