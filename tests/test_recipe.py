@@ -292,3 +292,18 @@ def test_recipe_leaf_modules_reach_the_tracer():
     flat, _ = R.load(None, [*sets, "split.leaf_modules=[timm.models.gemma4_vit:Gemma4VitEncoder]"])
     tree = tree_for(flat, classes=10)
     assert tree.num_heads == 2 and tree.spec.leaf_modules == ("timm.models.gemma4_vit:Gemma4VitEncoder",)
+
+
+@pytest.mark.parametrize("row", ["single", "hier4", "hier4-norescale", "ind4", "one4", "dml2", "kdcl2", "pcl4"])
+@pytest.mark.parametrize("noise", [0.0, 0.4])
+def test_long_study_recipe_is_the_studys_setting(row, noise):
+    """recipes/fashion-mnist-long.yaml is what benchmarks/paper.py trains: a drift between them would make
+    the shipped recipe claim numbers it did not produce."""
+    import sys
+    sys.path.insert(0, str(RECIPES.parent / "benchmarks"))
+    import paper
+
+    sets = [*paper.ROWS[row], f"data.label_noise={noise}", "seed=3"]
+    shipped, _ = R.load(RECIPES / "fashion-mnist-long.yaml", sets)
+    study, _ = R.load(None, paper.overrides(row, noise, 0, 3, paper.FML_SETTINGS))
+    assert shipped.model_dump() == study.model_dump()
