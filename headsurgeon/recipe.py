@@ -27,7 +27,7 @@ from .errors import HeadsurgeonError, first_line
 
 SECTIONS = ("split", "data", "loss", "optim", "sched", "log")
 # keys that may change when a run is resumed
-RESUME_FREE = ("output", "data.workers", "data.download", "data.root", "log.tensorboard", "log.wandb",
+RESUME_FREE = ("output", "parallel", "data.workers", "data.download", "data.root", "log.tensorboard", "log.wandb",
                "log.wandb_project", "log.wandb_entity")
 EMA_DEFAULT = 0.9998
 
@@ -431,6 +431,9 @@ class Recipe(_Section):
                                      "of storing its activations (timm --grad-checkpointing)")
     channels_last: bool = Field(False, description="channels_last memory format")
     compile: bool | str = Field(False, description="torch.compile (true or a backend name)")
+    parallel: Literal["ddp", "fsdp", "instances"] = Field(
+        "ddp", description="how torchrun's ranks hold the tree: ddp (each the whole tree), fsdp (FSDP2: each 1/N of "
+        "every segment), instances (instance i on rank i, only logits exchanged; trees split at input or peers)")
     sync_bn: bool = Field(False, description="SyncBatchNorm under DDP (CUDA); otherwise BN stats are averaged per epoch")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="global seed (init, data order, augmentation)")
     output: str | None = Field(None, description="run directory (default runs/<recipe>-<time>)")

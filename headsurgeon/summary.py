@@ -79,6 +79,7 @@ class RunSummary(_SummaryRequired, total=False):
     label_noise: dict[str, Any]
     device: str
     world_size: int
+    parallel: str  # the layout the last epoch trained under (recipe parallel; ddp in one process)
     wall_time_s: float
 
 

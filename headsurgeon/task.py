@@ -60,16 +60,32 @@ def temporal_mean(tree: HeadTree, objective: O.Objective, decay: float | bool = 
     return ema
 
 
+def _lockstep(tree: HeadTree, batches: int, empty: torch.Tensor | None, device: torch.device,
+              autocast: Callable) -> None:
+    """Forwards of an empty batch until this rank has run as many as the rank with the most batches: under
+    FSDP every forward gathers each segment's shards from every rank, so a rank whose shard of a split
+    has a batch fewer would leave the others waiting."""
+    most = torch.tensor([batches], device=device)
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    if empty is None:
+        empty = torch.zeros(0, *tree.spec.input_size, device=device)
+    for _ in range(int(most.item()) - batches):
+        with autocast():
+            tree(empty)
+
+
 def evaluate(tree: HeadTree, loader, device: torch.device | str | None = None, autocast: Callable = contextlib.nullcontext,
-             channels_last: bool = False, distributed: bool = False) -> dict[str, Any]:
+             channels_last: bool = False, distributed: bool = False, lockstep: bool = False) -> dict[str, Any]:
     """Per-head and ensemble (mean of logits) top-1/top-5, exact over the whole split (counts, not
-    means of batch means; all-reduced over ranks with ``distributed``)."""
+    means of batch means; all-reduced over ranks with ``distributed``; ``lockstep``: as many forwards on
+    every rank, for a sharded tree)."""
     from timm.utils import accuracy
 
     device = torch.device(device) if device is not None else next(tree.parameters()).device
     heads = tree.num_heads
     correct = torch.zeros(heads + 1, 2, dtype=torch.float64, device=device)
     n = torch.zeros((), dtype=torch.float64, device=device)
+    batches, empty = 0, None
     with eval_mode(tree), torch.no_grad():
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -82,6 +98,9 @@ def evaluate(tree: HeadTree, loader, device: torch.device | str | None = None, a
                 a1, a5 = accuracy(o, y, topk=(1, k))
                 correct[i] += torch.stack([a1, a5]).to(correct) * len(y) / 100
             n += len(y)
+            batches, empty = batches + 1, x[:0]
+        if lockstep:
+            _lockstep(tree, batches, empty, device, autocast)
     if distributed:
         torch.distributed.all_reduce(correct)
         torch.distributed.all_reduce(n)
@@ -94,7 +113,7 @@ def evaluate(tree: HeadTree, loader, device: torch.device | str | None = None, a
 
 def evaluate_fit(tree: HeadTree, loader, offsets: dict[int, int], classes: int, device: torch.device,
                  autocast: Callable = contextlib.nullcontext, channels_last: bool = False,
-                 distributed: bool = False) -> dict[str, Any]:
+                 distributed: bool = False, lockstep: bool = False) -> dict[str, Any]:
     """How each head fits its training labels: ``loader`` yields the training images un-augmented with
     their *true* labels, in order; ``offsets`` (sample index -> label offset) are the flipped ones.
     Top-1 against the noisy labels trained on, against the true labels, and on the flipped samples the
@@ -102,7 +121,7 @@ def evaluate_fit(tree: HeadTree, loader, offsets: dict[int, int], classes: int, 
     heads = tree.num_heads
     counts = torch.zeros(heads, 3, dtype=torch.float64, device=device)  # noisy hits, true hits, memorised
     n = torch.zeros(2, dtype=torch.float64, device=device)  # samples, flipped samples
-    seen = 0
+    seen, batches, empty = 0, 0, None
     with eval_mode(tree), torch.no_grad():
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -117,6 +136,9 @@ def evaluate_fit(tree: HeadTree, loader, offsets: dict[int, int], classes: int, 
             counts[:, 2] += ((preds == noisy) & flipped).sum(1)
             n += torch.tensor([len(y), int(flipped.sum())], dtype=torch.float64, device=device)
             seen += len(y)
+            batches, empty = batches + 1, x[:0]
+        if lockstep:
+            _lockstep(tree, batches, empty, device, autocast)
     if distributed:
         torch.distributed.all_reduce(counts)
         torch.distributed.all_reduce(n)
@@ -170,7 +192,9 @@ class CollaborativeTask(TrainingTask):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=p.device))
         self._features: dict[Any, torch.Tensor] = {}
         self._compiled: Callable | None = None
-        self._ddp: list[nn.Module] = []
+        self._ddp: list[Any] = []  # what no_sync() enters: DDP wrappers, or a layout's own (headsurgeon.parallel)
+        self._wrapped = False  # trainable_module is a DDP wrapper or a layout's forward
+        object.__setattr__(self, "_exchange", None)  # an instances layout's forward (every head's logits)
         self.objective_modules: nn.Module | None = None
         source = self.objective.feature_source
         if source is not None and tree.num_heads > 1:
@@ -207,8 +231,11 @@ class CollaborativeTask(TrainingTask):
 
     @property
     def evaluated_tree(self) -> HeadTree:
-        """What is evaluated, chosen and exported: the temporal mean where there is one, else the tree."""
-        return self.trainable_module_ema.module if self.trainable_module_ema is not None else self.tree
+        """What is evaluated, chosen and exported: the temporal mean where there is one, else the tree (under
+        an ``instances`` layout, its forward: this rank's head and the others' logits)."""
+        if self.trainable_module_ema is not None:
+            return self.trainable_module_ema.module
+        return self._exchange if self._exchange is not None else self.tree
 
     @property
     def features(self) -> dict[Any, torch.Tensor]:
@@ -223,7 +250,7 @@ class CollaborativeTask(TrainingTask):
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> O.LossOut:
         """The objective's loss of one batch (``target``: class indices or soft targets, e.g. timm's Mixup)."""
-        logits = (self.trainable_module if self._ddp else self._compiled or self.trainable_module)(x)
+        logits = (self.trainable_module if self._wrapped else self._compiled or self.trainable_module)(x)
         mean = None
         teacher = self.teacher
         if teacher is not None:  # PCL's temporal mean runs on the same batch, in the task's mode, without grad
@@ -283,9 +310,25 @@ class CollaborativeTask(TrainingTask):
         ddp = torch.nn.parallel.DistributedDataParallel
         ddp_kwargs.setdefault("find_unused_parameters", self.find_unused_parameters)
         self.trainable_module = ddp(self._compiled or self.tree, device_ids=device_ids, **ddp_kwargs)
-        self._ddp = [self.trainable_module]
+        self._ddp, self._wrapped = [self.trainable_module], True
         if self.objective_modules is not None:
             self.objective_modules = ddp(self.objective_modules, device_ids=device_ids)
+            self._ddp.append(self.objective_modules)
+        return self
+
+    def prepare_layout(self, forward: nn.Module | None = None, synced: Sequence[Any] = (),
+                       objective_ddp: bool = False, device_ids: list | None = None) -> "CollaborativeTask":
+        """What a layout of :mod:`headsurgeon.parallel` installs (``prepare_distributed`` is the DDP one):
+        ``forward`` computes every head's logits in training and evaluation (the instances exchange; None:
+        the tree, sharded in place by FSDP); ``synced`` have a ``no_sync()`` a gradient-accumulation
+        micro-batch enters; ``objective_ddp`` wraps the objective's own modules (ONE's gate) in DDP."""
+        if forward is not None:
+            self.trainable_module = forward
+            object.__setattr__(self, "_exchange", forward)
+        self._ddp, self._wrapped = [*self._ddp, *synced], True
+        if objective_ddp and self.objective_modules is not None:
+            self.objective_modules = torch.nn.parallel.DistributedDataParallel(self.objective_modules,
+                                                                               device_ids=device_ids)
             self._ddp.append(self.objective_modules)
         return self
 

@@ -20,6 +20,7 @@ import torch
 
 from . import data as D
 from . import objectives as O
+from . import parallel as P
 from . import recipe as R
 from . import tracking
 from .errors import HeadsurgeonError, first_line
@@ -84,6 +85,7 @@ class Run:
     """Everything one process trains with."""
     recipe: R.Recipe
     proc: Process
+    layout: P.Layout  # how the tree lies over the ranks (recipe parallel)
     dir: RunDir
     splits: D.Splits
     task: CollaborativeTask  # the tree, its objective, the objective's modules and temporal mean
@@ -187,7 +189,9 @@ def check(recipe: R.Recipe) -> HeadTree:
     an unknown model, split point, fan-out or leaf module is refused in seconds, before a long job.
     The classifier size does not change what is checked: 10 classes stand in for the dataset's."""
     with allow_leaf_modules(recipe.split.leaf_modules):
-        return HeadTree.load(recipe.tree) if recipe.tree else tree_for(recipe, classes=10)
+        tree = HeadTree.load(recipe.tree) if recipe.tree else tree_for(recipe, classes=10)
+    P.check(recipe.parallel, recipe, tree, objective_for(recipe))
+    return tree
 
 
 def tree_for(recipe: R.Recipe, classes: int) -> HeadTree:
@@ -220,20 +224,19 @@ def build(recipe: R.Recipe, name: str = "run", output: str | None = None, resume
     r = recipe
     proc = _process(r.device)
     log = log if proc.primary else (lambda message: None)
+    layout = P.layout_for(r.parallel, proc, r.amp)
     run_dir = _run_dir(r, name, output, resume, proc, log)
-    random_seed(r.seed, proc.rank)
+    shards = proc.distributed and layout.data_parallel  # instances: every rank the same batches, as one process
+    rank, world = (proc.rank, proc.world) if shards else (0, 1)
+    random_seed(r.seed, rank)
     splits = D.splits(r.data)
     with allow_leaf_modules(r.split.leaf_modules):  # the recipe names the classes its tree may import
         tree = HeadTree.load(run_dir.resume_state()[0]) if resume else tree_for(r, splits.num_classes)
     autocast, scaler = _amp(r, proc, log)
-    task, data_cfg = _task(r, proc, tree)
+    task, data_cfg = _task(r, layout, tree)
     optimizer = _optimizer(r, task)
-    if r.compile:
-        task.compile(backend=r.compile if isinstance(r.compile, str) else "inductor")
-    if proc.distributed:
-        task.prepare_distributed(device_ids=[proc.device.index] if proc.device.type == "cuda" else None)
-    train_loader = D.loader(splits.train, r.data, data_cfg, True, proc.device, proc.distributed)
-    evals = {k: D.loader(D.shard(getattr(splits, k), proc.rank, proc.world), r.data, data_cfg, False, proc.device)
+    train_loader = D.loader(splits.train, r.data, data_cfg, True, proc.device, shards)
+    evals = {k: D.loader(D.shard(getattr(splits, k), rank, world), r.data, data_cfg, False, proc.device)
              for k in ("val", "test")}
     if proc.primary:
         _warn_slow_mean(task.ema, r.epochs * _updates(len(train_loader), r), "loss.ema_decay" if r.loss.objective == "pcl"
@@ -244,10 +247,10 @@ def build(recipe: R.Recipe, name: str = "run", output: str | None = None, resume
         run_dir.clean_partial()
     fit_eval = None
     if r.log.fit_every:  # the training images with their true labels; the flips are applied when counting
-        own = D.shard(splits.train, proc.rank, proc.world)
+        own = D.shard(splits.train, rank, world)
         fit_eval = (D.loader(D.View(own.base, own.indices, None, splits.num_classes), r.data, data_cfg, False,
                              proc.device), own.offsets)
-    return Run(r, proc, run_dir, splits, task, optimizer, scheduler, scaler, autocast, train_loader, evals, log,
+    return Run(r, proc, layout, run_dir, splits, task, optimizer, scheduler, scaler, autocast, train_loader, evals, log,
                mixup_for(r, splits.num_classes), fit_eval=fit_eval)
 
 
@@ -263,21 +266,25 @@ def _amp(r: R.Recipe, proc: Process, log: Callable[[str], None]) -> tuple[Callab
     return autocast, NativeScaler() if amp_dtype == torch.float16 else None
 
 
-def _task(r: R.Recipe, proc: Process, tree: HeadTree) -> tuple[CollaborativeTask, dict[str, Any]]:
-    """The tree on its device (sync BN, gradient checkpointing, channels-last as the recipe says) inside
-    the task with the recipe's objective and EMA, and the run's preprocessing."""
-    dev, cuda = proc.device, proc.device.type == "cuda"
-    if proc.distributed and r.sync_bn and cuda:
+def _task(r: R.Recipe, layout: P.Layout, tree: HeadTree) -> tuple[CollaborativeTask, dict[str, Any]]:
+    """The tree (sync BN, gradient checkpointing, channels-last as the recipe says) inside the task with
+    the recipe's objective and EMA, laid over the ranks as ``parallel`` says, and the run's preprocessing."""
+    proc = layout.proc
+    objective = objective_for(r)
+    P.check(r.parallel, r, tree, objective)
+    if proc.distributed and r.sync_bn and proc.device.type == "cuda" and layout.data_parallel:
         from timm.layers import convert_sync_batchnorm
         tree = convert_sync_batchnorm(tree)
-    tree.to(dev)
+    layout.place(tree)
     tree.set_grad_checkpointing(r.grad_checkpointing)
     if r.channels_last:
         tree.to(memory_format=torch.channels_last)
     spec = tree.spec
     data_cfg = D.data_config(r.data, spec.pretrained_cfg, spec.model_args.get("in_chans", 3))
-    task = CollaborativeTask(tree, objective_for(r), ema=r.ema, input_size=data_cfg["input_size"])
-    task.to(dev)
+    task = CollaborativeTask(tree, objective, ema=r.ema, input_size=data_cfg["input_size"])
+    if r.compile:
+        task.compile(backend=r.compile if isinstance(r.compile, str) else "inductor")
+    layout.wrap(task)
     return task, data_cfg
 
 
@@ -334,10 +341,16 @@ def _updates(batches: int, recipe: R.Recipe) -> int:
     return -(-batches // recipe.optim.grad_accum_steps)
 
 
+def _rng_rank(run: Run) -> int:
+    """Whose saved RNG this rank continues with: its own; under ``instances`` every rank draws as one
+    process does, so rank 0's (a one-process run may then resume as instances, and back)."""
+    return run.proc.rank if run.layout.data_parallel else 0
+
+
 def restore(run: Run) -> None:
     """Continue from ``last/``: optimizer, schedule, scaler, EMA, the objective's modules, RNG, history."""
     point, s = run.dir.resume_state()
-    run.optimizer.load_state_dict(s["optimizer"])
+    run.layout.load_optimizer_state(run.optimizer, s["optimizer"])
     extended = s.get("epochs", run.recipe.epochs) != run.recipe.epochs
     if run.scheduler is not None and not extended:
         run.scheduler.load_state_dict(s["scheduler"])
@@ -356,7 +369,7 @@ def restore(run: Run) -> None:
     if "step" in s:  # mid-epoch: train_epoch replays the epoch's data order up to the step, then continues
         run.recovery = s
     else:
-        set_rng_state(s["rng"][run.proc.rank])
+        set_rng_state(s["rng"][_rng_rank(run)])
     if run.proc.primary:  # metrics.jsonl = the checkpoint's history; a corrupt or extra line is reported, not kept
         bad = run.dir.rewrite_metrics(run.history)
         if bad:
@@ -382,7 +395,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, list[float], dict[str, Any
     rec, run.recovery = run.recovery, None
     sums = _Sums.begin(run.tree.num_heads, dev, rec)
     if rec is not None:  # the RNG of the epoch's start: the same data order and augmentation draws
-        set_rng_state(rec["epoch_rng"][run.proc.rank])
+        set_rng_state(rec["epoch_rng"][_rng_rank(run)])
     epoch_rng = _gather(run, rng_state())
     task = run.task
     task.train()  # PCL's temporal mean too: it runs on each batch in train mode, as the re-implementation does
@@ -395,7 +408,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, list[float], dict[str, Any
     for step, (x, y) in enumerate(bar):
         if rec is not None and step < rec["step"]:  # trained before the kill: replay the batch, skip the step
             if step == rec["step"] - 1:
-                set_rng_state(rec["rng"][run.proc.rank])  # the RNG as it was after that step
+                set_rng_state(rec["rng"][_rng_rank(run)])  # the RNG as it was after that step
             continue
         update, first = step // accum, step % accum == 0
         group = min(accum, steps - update * accum)  # micro-batches in this optimizer step
@@ -489,7 +502,7 @@ class _Sums:
         heads = len(self.hits)
         stats = torch.cat([self.total.reshape(1), torch.tensor([float(self.seen)], device=run.proc.device),
                            self.hits, self.terms.flatten()])
-        if run.proc.distributed:
+        if run.proc.distributed and run.layout.data_parallel:  # instances: every rank saw the same batches
             torch.distributed.all_reduce(stats)
         n = stats[1].item()
         fit = [round(h * 100 / n, 2) for h in stats[2:2 + heads].tolist()]
@@ -511,7 +524,8 @@ def _gather(run: Run, obj: Any) -> list[Any]:
 
 
 def _optim_state(run: Run) -> dict[str, Any]:
-    return {"optimizer": run.optimizer.state_dict(),
+    """What the checkpoint keeps of the optimizer, schedule and scaler (collective: the layout gathers)."""
+    return {"optimizer": run.layout.optimizer_state(run.optimizer),
             "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
             "scaler": run.scaler.state_dict() if run.scaler is not None else None}
 
@@ -519,12 +533,13 @@ def _optim_state(run: Run) -> dict[str, Any]:
 def _recovery_point(run: Run, epoch: int, step: int, epoch_rng: list[Any], sums: dict[str, Any]) -> None:
     """``recovery/``: the weights and everything else after ``step`` batches of ``epoch``."""
     rngs = _gather(run, rng_state())
+    tree, optim = run.layout.saved_tree(run.tree), _optim_state(run)
     if not run.proc.primary:
         return
-    state = {"epoch": epoch, "step": step, "epochs": run.recipe.epochs, **_optim_state(run), "rng": rngs,
+    state = {"epoch": epoch, "step": step, "epochs": run.recipe.epochs, **optim, "rng": rngs,
              "epoch_rng": epoch_rng, "sums": sums, "history": run.history, "best": run.best,
              "wall_time_s": run.wall_before + time.time() - run.t_start}
-    run.dir.save_last(run.tree, state, run.ema.module if run.ema is not None else None, run.modules, where="recovery")
+    run.dir.save_last(tree, state, run.ema.module if run.ema is not None else None, run.modules, where="recovery")
 
 
 def _summary(run: Run, finished: bool, wall: float, best: dict[str, Any] | None = None) -> RunSummary:
@@ -542,6 +557,7 @@ def _summary(run: Run, finished: bool, wall: float, best: dict[str, Any] | None 
             "best_dir": "best",
             "num_classes": sp.num_classes, "label_names": sp.label_names, "samples": sp.sizes(),
             "label_noise": sp.noise, "device": str(run.proc.device), "world_size": run.proc.world,
+            "parallel": run.layout.mode,
             "wall_time_s": round(wall, 1)}
 
 
@@ -555,8 +571,12 @@ def _log_epoch(run: Run, row: dict[str, Any]) -> None:
 
 
 def _checkpoint(run: Run, epoch: int, improved: bool, judged: HeadTree, t0: float) -> None:
-    """Save ``best/`` (with its record) if improved, then ``last/`` and the summary; primary only."""
+    """Save ``best/`` (with its record) if improved, then ``last/`` and the summary; primary only (the layout
+    gathers the tree and the optimizer state on every rank first)."""
     rngs = _gather(run, rng_state())
+    tree, optim = run.layout.saved_tree(run.tree), _optim_state(run)
+    if run.ema is None:  # what is judged is the tree: save it as one process holds it
+        judged = tree
     if not run.proc.primary:
         return
     summary = _summary(run, finished=epoch + 1 == run.recipe.epochs, wall=time.time() - t0) if run.best else None
@@ -569,9 +589,9 @@ def _checkpoint(run: Run, epoch: int, improved: bool, judged: HeadTree, t0: floa
         mine = {"epoch": epoch + 1, "head": head, "val_top1": val[head]["top1"]}
         run.dir.save_history(judged, _summary(run, summary["finished"], time.time() - t0, mine),
                              keep=run.recipe.checkpoint_hist)
-    state = {"epoch": epoch + 1, "epochs": run.recipe.epochs, **_optim_state(run), "rng": rngs,
+    state = {"epoch": epoch + 1, "epochs": run.recipe.epochs, **optim, "rng": rngs,
              "history": run.history, "best": run.best, "wall_time_s": time.time() - t0}
-    run.dir.save_last(run.tree, state, run.ema.module if run.ema is not None else None, run.modules)
+    run.dir.save_last(tree, state, run.ema.module if run.ema is not None else None, run.modules)
     run.dir.drop_recovery()
     if summary is not None:  # before the first evaluated epoch (eval_every) there is no best to summarise
         run.dir.write_summary(summary)
@@ -615,7 +635,8 @@ def _train_and_sync(run: Run, epoch: int) -> tuple[float, list[float], dict[str,
     from timm.utils import distribute_bn
 
     r, proc = run.recipe, run.proc
-    if proc.distributed:
+    shards = proc.distributed and run.layout.data_parallel
+    if shards:
         run.train_loader.sampler.set_epoch(epoch)
     try:
         t_train = time.time()
@@ -624,7 +645,7 @@ def _train_and_sync(run: Run, epoch: int) -> tuple[float, list[float], dict[str,
     except torch.cuda.OutOfMemoryError:
         raise HeadsurgeonError(f"CUDA out of memory at batch size {r.data.batch_size} per process; use a smaller "
                                f"batch, e.g. --set data.batch_size={max(1, r.data.batch_size // 2)}") from None
-    if proc.distributed and not (r.sync_bn and proc.device.type == "cuda"):
+    if shards and not (r.sync_bn and proc.device.type == "cuda"):
         distribute_bn(run.tree, proc.world, reduce=True)  # average BN running stats over ranks
         if run.objective.needs_mean_logits:  # PCL's temporal mean updates its own BN stats on each rank's batches
             distribute_bn(run.ema.module, proc.world, reduce=True)
@@ -638,7 +659,9 @@ def _evaluate_epoch(run: Run, epoch: int, judged: HeadTree, loss: float, fit_: l
     r, proc = run.recipe, run.proc
     lr = run.optimizer.param_groups[0]["lr"]  # the lr this epoch ended with (before the epoch step)
     evaluated = (epoch + 1) % r.eval_every == 0 or epoch + 1 == r.epochs
-    metrics = {k: evaluate(judged, v, proc.device, run.autocast, r.channels_last, proc.distributed)
+    shards = proc.distributed and run.layout.data_parallel
+    lockstep = run.layout.mode == "fsdp"  # every rank runs as many forwards: each gathers the shards
+    metrics = {k: evaluate(judged, v, proc.device, run.autocast, r.channels_last, shards, lockstep)
                for k, v in run.eval_loaders.items()} if evaluated else {}
     if run.scheduler is not None:
         run.scheduler.step(epoch + 1, max(h["top1"] for h in metrics["val"]["heads"]) if evaluated else None)
@@ -646,7 +669,7 @@ def _evaluate_epoch(run: Run, epoch: int, judged: HeadTree, loss: float, fit_: l
            "time_s": round(time.time() - t0, 2), **metrics}
     if run.fit_eval is not None and ((epoch + 1) % r.log.fit_every == 0 or epoch + 1 == r.epochs):
         row["fit"] = evaluate_fit(judged, *run.fit_eval, run.splits.num_classes, proc.device, run.autocast,
-                                  r.channels_last, proc.distributed)
+                                  r.channels_last, shards, lockstep)
     run.history.append(row)
     improved = False
     if evaluated:

@@ -164,13 +164,17 @@ class HeadTree(nn.Module):
                 idx //= self.fanout[level - 1]
         return out[::-1]
 
-    def forward(self, x: torch.Tensor) -> list[Any]:
+    def forward(self, x: torch.Tensor, heads: Sequence[int] | None = None) -> list[Any]:
+        """One output per head; with ``heads``, only the segments on those heads' paths run and the
+        other heads' entries are None (an ``instances`` layout runs one instance per rank)."""
+        want = None if heads is None else [set(self.path(h)[level] for h in heads) for level in range(len(self.levels))]
         outs = [self._run(self.levels[0][0], x)]
         for level in range(1, len(self.levels)):
             f = self.fanout[level - 1]
             scale = 1.0 / f if self.rescale else 1.0
             own = self.owns_input[level] and f > 1
-            outs = [self._run(seg, *fork(outs[j // f], scale, own)) for j, seg in enumerate(self.levels[level])]
+            outs = [self._run(seg, *fork(outs[j // f], scale, own)) if want is None or j in want[level] else None
+                    for j, seg in enumerate(self.levels[level])]
         return outs
 
     def segments(self, head: int) -> list[nn.Module]:
