@@ -8,7 +8,8 @@ error and the others still run. The JSON goes to ``benchmarks/results/gpu_check-
 * ``torch.compile`` of the whole tree: compiled step == eager step (outputs), compile time, step time;
 * channels_last steps;
 * speed at 224 px: single model vs the 4-head tree vs 4 instances (ms per step, peak memory), side by side;
-* 2-process NCCL DDP through ``torchrun -m headsurgeon train`` when two GPUs are visible.
+* 2-process NCCL runs of each ``parallel`` layout (ddp, fsdp, instances) through ``torchrun -m headsurgeon
+  train`` when two GPUs are visible.
 
 On CPU (``--device cpu --quick``) the same code runs at a small size: AMP bf16 autocast and
 ``torch.compile`` do run on CPU, which is how the script is tested without a GPU.
@@ -132,17 +133,32 @@ def main(argv: list[str] | None = None) -> int:
 
     check("speed", speed)
     if device.type == "cuda" and torch.cuda.device_count() >= 2:
-        def ddp():
-            with tempfile.TemporaryDirectory() as tmp:
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "headsurgeon",
-                       "train", "--set", "epochs=1", "--set", "amp=bf16", "-o", f"{tmp}/run"]
-                p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
-                if p.returncode:
-                    raise RuntimeError(p.stderr[-800:])
-                s = json.loads((Path(tmp) / "run" / "summary.json").read_text())
-                return {"world_size": s["world_size"], "test_top1": s["heads"][s["best_head"]]["test_top1"]}
+        def layouts():
+            """Each recipe `parallel` layout on 2 NCCL ranks (digits, 1 epoch, fp32 so that the layouts'
+            weights can be compared: cuDNN's kernels are not bit-reproducible, so this reports differences)."""
+            import safetensors.torch
 
-        check("ddp_nccl_2proc", ddp)
+            out = {}
+            with tempfile.TemporaryDirectory() as tmp:
+                for mode, sets in (("ddp", []), ("fsdp", []), ("ddp-inst2", ["split.at=[input]", "split.heads=2",
+                                   "split.fanout=null"]), ("instances", ["split.at=[input]", "split.heads=2",
+                                                                          "split.fanout=null"])):
+                    flags = [a for kv in ["epochs=1", f"parallel={mode.split('-')[0]}", *sets] for a in ("--set", kv)]
+                    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "headsurgeon",
+                           "train", *flags, "-o", f"{tmp}/{mode}"]
+                    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
+                    if p.returncode:
+                        raise RuntimeError(f"{mode}: {p.stderr[-800:]}")
+                    s = json.loads((Path(tmp) / mode / "summary.json").read_text())
+                    out[mode] = {"world_size": s["world_size"], "parallel": s["parallel"],
+                                 "test_top1": s["heads"][s["best_head"]]["test_top1"]}
+                w = {m: safetensors.torch.load_file(f"{tmp}/{m}/last/tree.safetensors") for m in out}
+                for a_, b_ in (("ddp", "fsdp"), ("ddp-inst2", "instances")):
+                    out[f"{b_}_vs_{a_}_max_weight_diff"] = max((w[a_][k].double() - w[b_][k].double()).abs().max().item()
+                                                               for k in w[a_])
+            return out
+
+        check("parallel_nccl_2proc", layouts)
     out = Path(a.out or ROOT / "benchmarks" / "results" / f"gpu_check-{device.type}{'-quick' if a.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

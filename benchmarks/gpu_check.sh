@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The accelerator checks in one run (within ~5 minutes on one GPU): AMP bf16/fp16, torch.compile,
-# channels_last, the 224 px speed table, 2-process NCCL DDP when two GPUs are visible.
+# channels_last, the 224 px speed table, 2-process NCCL runs of each `parallel` layout when two GPUs are visible.
 # Writes benchmarks/results/gpu_check-cuda.json. Run from the repository root on the GPU machine:
 #   bash benchmarks/gpu_check.sh
 set -euo pipefail
