@@ -29,7 +29,7 @@ def _cells(folder: Path) -> list[dict[str, Any]]:
     return [c for c in cells if c["row"] == "single"]
 
 
-def _ensemble_gain(folder: Path, cells: list[dict[str, Any]], sub: str) -> dict[str, Any] | None:
+def ensemble_gain(folder: Path, cells: list[dict[str, Any]], sub: str) -> dict[str, Any] | None:
     import numpy as np
 
     logits, accs, labels = [], [], None
@@ -71,7 +71,7 @@ def gates(folder: Path) -> dict[str, Any]:
                      "final": [c["final"]["deployed"] for c in noisy]}
     for name, cs, need in (("G3_clean", clean, 1.0), ("G3_noisy", noisy, 2.0)):
         if len(cs) >= 2:
-            g = {sub: _ensemble_gain(folder, cs, sub) for sub in ("last", "best")}
+            g = {sub: ensemble_gain(folder, cs, sub) for sub in ("last", "best")}
             out[name] = {**g, "threshold": need, "pass": g["last"] is not None and g["last"]["gain"] >= need}
         else:
             out[name] = {"pending": f"{len(cs)} single run(s); the ceiling needs >= 2 seeds (the design: 4)"}

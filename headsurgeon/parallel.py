@@ -85,9 +85,15 @@ class Layout:
 
     mode = "ddp"
     data_parallel = True  # each rank a shard of every batch and split (ddp, fsdp); instances: the same batches
+    lockstep = False  # fsdp: every forward gathers the shards, so every rank must run as many in evaluation
 
     def __init__(self, proc: Any, amp: str | None = None):
         self.proc, self.amp = proc, amp
+
+    @property
+    def shards(self) -> bool:
+        """Whether each rank trains and evaluates its own shard of the data (all reduced over ranks)."""
+        return self.proc.distributed and self.data_parallel
 
     def place(self, tree: HeadTree) -> None:
         """Before the task exists: the tree on this rank's device."""
@@ -130,6 +136,7 @@ class _Gathered(Layout):
 
 class FSDP(_Gathered):
     mode = "fsdp"
+    lockstep = True
 
     def place(self, tree: HeadTree) -> None:  # stays on the CPU: fully_shard moves one shard per rank
         pass
@@ -240,9 +247,9 @@ class Exchange(nn.Module):
     detached. A loss of them has, with respect to this rank's logits, the gradient one process computes
     (the other heads' logits enter it as values either way, or the objective detaches them itself)."""
 
-    def __init__(self, tree: HeadTree, own: int, group: Any = None):
+    def __init__(self, tree: HeadTree, own: int):
         super().__init__()
-        self.tree, self.own, self.group = tree, own, group
+        self.tree, self.own = tree, own
 
     @property
     def num_heads(self) -> int:
@@ -253,7 +260,7 @@ class Exchange(nn.Module):
 
         mine = self.tree(x, heads=[self.own])[self.own]
         outs = [torch.empty_like(mine) for _ in range(self.tree.num_heads)]
-        dist.all_gather(outs, mine.detach().contiguous(), group=self.group)
+        dist.all_gather(outs, mine.detach().contiguous())
         outs[self.own] = mine
         return outs
 

@@ -60,16 +60,22 @@ def temporal_mean(tree: HeadTree, objective: O.Objective, decay: float | bool = 
     return ema
 
 
-def _lockstep(tree: HeadTree, batches: int, empty: torch.Tensor | None, device: torch.device,
-              autocast: Callable) -> None:
-    """Forwards of an empty batch until this rank has run as many as the rank with the most batches: under
-    FSDP every forward gathers each segment's shards from every rank, so a rank whose shard of a split
-    has a batch fewer would leave the others waiting."""
-    most = torch.tensor([batches], device=device)
+def _agreed_batches(loader, device: torch.device) -> int:
+    """The most batches any rank's shard of a split has, agreed *before* the first forward: under FSDP
+    every forward all-gathers each segment's shards, so a collective issued later, while another rank
+    is still mid-forward, would pair with that forward's all-gathers and hang both."""
+    most = torch.tensor([len(loader)], device=device)
     torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-    if empty is None:
+    return int(most.item())
+
+
+def _pad_forwards(tree: HeadTree, count: int, empty: torch.Tensor | None, device: torch.device,
+                  autocast: Callable) -> None:
+    """Forwards of an empty batch, so a rank whose shard has fewer batches runs as many forwards (each
+    gathering the shards) as the rank with the most."""
+    if count > 0 and empty is None:
         empty = torch.zeros(0, *tree.spec.input_size, device=device)
-    for _ in range(int(most.item()) - batches):
+    for _ in range(count):
         with autocast():
             tree(empty)
 
@@ -85,6 +91,7 @@ def evaluate(tree: HeadTree, loader, device: torch.device | str | None = None, a
     heads = tree.num_heads
     correct = torch.zeros(heads + 1, 2, dtype=torch.float64, device=device)
     n = torch.zeros((), dtype=torch.float64, device=device)
+    most = _agreed_batches(loader, device) if lockstep else 0
     batches, empty = 0, None
     with eval_mode(tree), torch.no_grad():
         for x, y in loader:
@@ -99,8 +106,7 @@ def evaluate(tree: HeadTree, loader, device: torch.device | str | None = None, a
                 correct[i] += torch.stack([a1, a5]).to(correct) * len(y) / 100
             n += len(y)
             batches, empty = batches + 1, x[:0]
-        if lockstep:
-            _lockstep(tree, batches, empty, device, autocast)
+        _pad_forwards(tree, most - batches, empty, device, autocast)
     if distributed:
         torch.distributed.all_reduce(correct)
         torch.distributed.all_reduce(n)
@@ -121,6 +127,7 @@ def evaluate_fit(tree: HeadTree, loader, offsets: dict[int, int], classes: int, 
     heads = tree.num_heads
     counts = torch.zeros(heads, 3, dtype=torch.float64, device=device)  # noisy hits, true hits, memorised
     n = torch.zeros(2, dtype=torch.float64, device=device)  # samples, flipped samples
+    most = _agreed_batches(loader, device) if lockstep else 0
     seen, batches, empty = 0, 0, None
     with eval_mode(tree), torch.no_grad():
         for x, y in loader:
@@ -137,8 +144,7 @@ def evaluate_fit(tree: HeadTree, loader, offsets: dict[int, int], classes: int, 
             n += torch.tensor([len(y), int(flipped.sum())], dtype=torch.float64, device=device)
             seen += len(y)
             batches, empty = batches + 1, x[:0]
-        if lockstep:
-            _lockstep(tree, batches, empty, device, autocast)
+        _pad_forwards(tree, most - batches, empty, device, autocast)
     if distributed:
         torch.distributed.all_reduce(counts)
         torch.distributed.all_reduce(n)

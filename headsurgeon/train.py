@@ -226,7 +226,7 @@ def build(recipe: R.Recipe, name: str = "run", output: str | None = None, resume
     log = log if proc.primary else (lambda message: None)
     layout = P.layout_for(r.parallel, proc, r.amp)
     run_dir = _run_dir(r, name, output, resume, proc, log)
-    shards = proc.distributed and layout.data_parallel  # instances: every rank the same batches, as one process
+    shards = layout.shards  # instances: every rank the same batches, as one process
     rank, world = (proc.rank, proc.world) if shards else (0, 1)
     random_seed(r.seed, rank)
     splits = D.splits(r.data)
@@ -272,7 +272,7 @@ def _task(r: R.Recipe, layout: P.Layout, tree: HeadTree) -> tuple[CollaborativeT
     proc = layout.proc
     objective = objective_for(r)
     P.check(r.parallel, r, tree, objective)
-    if proc.distributed and r.sync_bn and proc.device.type == "cuda" and layout.data_parallel:
+    if layout.shards and r.sync_bn and proc.device.type == "cuda":
         from timm.layers import convert_sync_batchnorm
         tree = convert_sync_batchnorm(tree)
     layout.place(tree)
@@ -502,7 +502,7 @@ class _Sums:
         heads = len(self.hits)
         stats = torch.cat([self.total.reshape(1), torch.tensor([float(self.seen)], device=run.proc.device),
                            self.hits, self.terms.flatten()])
-        if run.proc.distributed and run.layout.data_parallel:  # instances: every rank saw the same batches
+        if run.layout.shards:  # instances: every rank saw the same batches
             torch.distributed.all_reduce(stats)
         n = stats[1].item()
         fit = [round(h * 100 / n, 2) for h in stats[2:2 + heads].tolist()]
@@ -635,7 +635,7 @@ def _train_and_sync(run: Run, epoch: int) -> tuple[float, list[float], dict[str,
     from timm.utils import distribute_bn
 
     r, proc = run.recipe, run.proc
-    shards = proc.distributed and run.layout.data_parallel
+    shards = run.layout.shards
     if shards:
         run.train_loader.sampler.set_epoch(epoch)
     try:
@@ -659,8 +659,7 @@ def _evaluate_epoch(run: Run, epoch: int, judged: HeadTree, loss: float, fit_: l
     r, proc = run.recipe, run.proc
     lr = run.optimizer.param_groups[0]["lr"]  # the lr this epoch ended with (before the epoch step)
     evaluated = (epoch + 1) % r.eval_every == 0 or epoch + 1 == r.epochs
-    shards = proc.distributed and run.layout.data_parallel
-    lockstep = run.layout.mode == "fsdp"  # every rank runs as many forwards: each gathers the shards
+    shards, lockstep = run.layout.shards, run.layout.lockstep
     metrics = {k: evaluate(judged, v, proc.device, run.autocast, r.channels_last, shards, lockstep)
                for k, v in run.eval_loaders.items()} if evaluated else {}
     if run.scheduler is not None:

@@ -84,6 +84,13 @@ def _same(a: Path, b: Path) -> None:
                                                                        for r in rows[1]]
 
 
+def _stopped_and_resumed(tmp: Path, first: tuple[int, list[str]], then: tuple[int, list[str]], out: Path) -> Path:
+    """``first`` (processes, sets) trained for one epoch, then resumed to the end as ``then``."""
+    _train(tmp, *first, out, "--stop-after", "1")
+    _train(tmp, *then, out, "--resume")
+    return out
+
+
 @pytest.mark.parametrize("objective,heads", [("cl", 2), ("one", 2), ("dml", 4)])
 def test_instances_end_where_one_process_ends(tmp_path, objective, heads):
     sets = [*_base(tmp_path), *INST, f"split.heads={heads}", f"loss.objective={objective}"]
@@ -101,12 +108,8 @@ def test_instances_resume_and_two_nodes_on_loopback(tmp_path):
     sets = [*_base(tmp_path), *INST, "split.heads=2", "loss.objective=kdcl"]
     inst = [*sets, "parallel=instances"]
     _train(tmp_path, 1, sets, tmp_path / "one")
-    _train(tmp_path, 1, sets, tmp_path / "cross", "--stop-after", "1")
-    _train(tmp_path, 2, inst, tmp_path / "cross", "--resume")
-    _same(tmp_path / "one", tmp_path / "cross")
-    _train(tmp_path, 2, inst, tmp_path / "again", "--stop-after", "1")
-    _train(tmp_path, 2, inst, tmp_path / "again", "--resume")
-    _same(tmp_path / "one", tmp_path / "again")
+    _same(tmp_path / "one", _stopped_and_resumed(tmp_path, (1, sets), (2, inst), tmp_path / "cross"))
+    _same(tmp_path / "one", _stopped_and_resumed(tmp_path, (2, inst), (2, inst), tmp_path / "again"))
     port = _port()
     nodes = [subprocess.Popen(_cmd(1, inst, tmp_path / "nodes", nnodes=2, node_rank=i, port=port), env=ENV,
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
@@ -124,16 +127,26 @@ def test_fsdp_ends_where_ddp_ends_and_resumes_under_either(tmp_path):
     _train(tmp_path, 2, fsdp, tmp_path / "fsdp")
     _same(tmp_path / "ddp", tmp_path / "fsdp")
     assert json.loads((tmp_path / "fsdp" / "summary.json").read_text())["parallel"] == "fsdp"
-    _train(tmp_path, 2, fsdp, tmp_path / "resumed", "--stop-after", "1")
-    _train(tmp_path, 2, fsdp, tmp_path / "resumed", "--resume")
-    _same(tmp_path / "ddp", tmp_path / "resumed")
-    _train(tmp_path, 2, sets, tmp_path / "cross", "--stop-after", "1")
-    _train(tmp_path, 2, fsdp, tmp_path / "cross", "--resume")
-    _same(tmp_path / "ddp", tmp_path / "cross")
+    _same(tmp_path / "ddp", _stopped_and_resumed(tmp_path, (2, fsdp), (2, fsdp), tmp_path / "resumed"))
+    _same(tmp_path / "ddp", _stopped_and_resumed(tmp_path, (2, sets), (2, fsdp), tmp_path / "cross"))
     # what collapse reads is the gathered tree: the exported model loads strictly and is verified
     r = CliRunner().invoke(main, ["collapse", str(tmp_path / "fsdp"), "-o", str(tmp_path / "model")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_fsdp_evaluates_shards_of_unequal_batch_counts(tmp_path):
+    """13 validation images over 2 ranks in batches of 6: one rank's shard has 2 batches, the other's 1.
+    Every FSDP forward gathers the shards from every rank, so the rank with fewer batches must pad with
+    empty forwards, agreed before the first (agreed after, it hangs); results equal ddp's exactly."""
+    sets = [*_base(tmp_path), "split.at=[layer4]", "split.heads=2", "split.fanout=null", "data.val_fraction=0.27", "data.eval_batch_size=6", "log.fit_every=1"]
+    _train(tmp_path, 2, sets, tmp_path / "ddp")
+    _train(tmp_path, 2, [*sets, "parallel=fsdp"], tmp_path / "fsdp")
+    _same(tmp_path / "ddp", tmp_path / "fsdp")
+    rows = [json.loads(x) for x in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    n = rows[-1]["val"]["n"]
+    assert -(-(n - n // 2) // 6) != -(-(n // 2) // 6), n  # the case this test is about: unequal batch counts
+    assert rows[-1]["fit"] == json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[-1])["fit"]
 
 
 GRADIENT_CHECK = r'''
