@@ -7,6 +7,7 @@
 #   2. hier4, hier4-norescale, ind4, seeds 0-2 (the rows the issue's verdicts need)
 #   3. the single model's seed 4 (single >= 5 seeds)
 #   4. one4, dml2, kdcl2, pcl4, seeds 0-2
+#   5. hier4-late (regime.md §5's optional row: beta 1 -> 0.1 over the run), seeds 0-2
 #   nohup nice -n 19 benchmarks/long_grid.sh 2 > /tmp/long_grid.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,4 +19,5 @@ run --rows single --seeds 0,1,2,3
 run --rows hier4,hier4-norescale,ind4 --seeds 0,1,2
 run --rows single --seeds 4
 run --rows one4,dml2,kdcl2,pcl4 --seeds 0,1,2
+run --rows hier4-late --seeds 0,1,2
 .venv/bin/python benchmarks/long_gates.py "$OUT"

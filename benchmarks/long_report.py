@@ -15,7 +15,8 @@ are regime.md §5's, completed for the claims it does not name):
 - generalisation, "reproduced in-regime": hier4 > single at the final epoch at both 0 % and 40 % noise;
 - noise robustness: hier4 > single early-stopped at 40 %; a row that beats only the final-epoch single is
   "delayed memorisation", not a generalisation gain;
-- rescaling: hier4 vs hier4-norescale; consensus vs Ind: hier4 vs ind4; sharing vs instances: hier4 (4 heads
+- rescaling: hier4 vs hier4-norescale; consensus vs Ind: hier4 vs ind4; late consensus: hier4-late (beta 1 ->
+  0.1 over the run) vs hier4, the memorised-fraction curves say whether it delays memorisation; sharing vs instances: hier4 (4 heads
   on one trunk) vs dml2 and kdcl2 (2 independent networks exchanging logits): each at the final and the
   early-stopped epoch;
 - the ceiling beside each gain is gate G3's: what the softmax ensemble of the independent single runs gains
@@ -47,7 +48,8 @@ CLAIMS = [  # (claim, row a, row b, noise levels); + = a better
     ("gain over single", "hier4", "single"), ("gain over single", "hier4-norescale", "single"),
     ("gain over single", "ind4", "single"), ("gain over single", "one4", "single"),
     ("gain over single", "dml2", "single"), ("gain over single", "kdcl2", "single"),
-    ("gain over single", "pcl4", "single"),
+    ("gain over single", "pcl4", "single"), ("gain over single", "hier4-late", "single"),
+    ("late consensus", "hier4-late", "hier4"),
     ("rescaling", "hier4", "hier4-norescale"), ("consensus vs Ind", "hier4", "ind4"),
     ("sharing vs instances", "hier4", "dml2"), ("sharing vs instances", "hier4", "kdcl2"),
 ]
@@ -149,6 +151,7 @@ def verdicts(claims: list[dict[str, Any]]) -> dict[str, str]:
         else "not robust: " + ("worse" if e4["holds"] == "b" else "no difference beyond 2 SE") + " early-stopped")
     for name, a, b in (("rescaling (hier4 vs hier4-norescale)", "hier4", "hier4-norescale"),
                        ("consensus vs Ind (hier4 vs ind4)", "hier4", "ind4"),
+                       ("late consensus (hier4-late vs hier4)", "hier4-late", "hier4"),
                        ("sharing vs instances (hier4 vs dml2)", "hier4", "dml2"),
                        ("sharing vs instances (hier4 vs kdcl2)", "hier4", "kdcl2")):
         parts = []

@@ -23,6 +23,9 @@ default ``--rows`` (a grid resumed with its old command does not grow); run them
     pcl4            4 heads, simple sharing, PCL (temporal-mean export)  (one4's tree, loss.objective=pcl)
     pcl4-d99        pcl4 with the temporal mean's decay 0.99             (+ loss.ema_decay=0.99)
     heads4          4 heads, simple sharing, cl                          (one4's tree, the paper's loss)
+    ind4            hier4's tree, cross-entropy only                     (loss.beta=1: no consensus term)
+    dml2 / kdcl2    2 independent instances, DML / KDCL                  (split.at=[input], 2 heads)
+    hier4-late      hier4 with late consensus, beta 1 -> 0.1 over the run (+ loss.beta=1, loss.beta_end=0.1)
 
 PCL's default decay 0.999 (its re-implementation's, made for about 120k steps) averages over about
 1,000 steps; the Fashion-MNIST budget has about 2,700 in all, so the exported mean lags the peers.
@@ -86,11 +89,11 @@ from headsurgeon import compare as C  # noqa: E402  (the study is a client of `h
 # digits defaults give every row exactly the recipe it had before the rows came from compare.
 _PAPER_ONLY = {"ls": ("single", ["loss.label_smoothing=0.05"]), "pcl4-d99": ("pcl4", ["loss.ema_decay=0.99"])}
 _ORDER = ("single", "ls", "inst2", "inst4", "heads2", "hier4", "hier4-norescale", "dml4", "one4", "kdcl4", "pcl4",
-          "pcl4-d99", "heads4", "ind4", "dml2", "kdcl2")
+          "pcl4-d99", "heads4", "ind4", "dml2", "kdcl2", "hier4-late")
 ROWS: dict[str, list[str]] = {
     r: (C.builtin_sets(_PAPER_ONLY[r][0], "layer3", "layer4") + _PAPER_ONLY[r][1] if r in _PAPER_ONLY
         else C.builtin_sets(r, "layer3", "layer4")) for r in _ORDER}
-OBJECTIVE_ROWS = ("dml4", "one4", "kdcl4", "pcl4", "pcl4-d99", "heads4", "ind4", "dml2", "kdcl2")
+OBJECTIVE_ROWS = ("dml4", "one4", "kdcl4", "pcl4", "pcl4-d99", "heads4", "ind4", "dml2", "kdcl2", "hier4-late")
 GRID_ROWS = [r for r in ROWS if r not in OBJECTIVE_ROWS]  # the default --rows: the paper's table
 LABELS = {"single": "Single instance", "ls": "Label smoothing (0.05)", "inst2": "2 instances", "inst4": "4 instances",
           "heads2": "2 heads w/ simple ILR sharing", "hier4": "4 heads w/ hierarchical ILR sharing",
@@ -100,7 +103,8 @@ LABELS = {"single": "Single instance", "ls": "Label smoothing (0.05)", "inst2": 
           "pcl4-d99": "PCL as pcl4, temporal-mean decay 0.99",
           "heads4": "4 heads w/ simple ILR sharing (cl on one4's tree)",
           "ind4": "Ind: hier4's tree, beta = 1 (cross-entropy only, no consensus)",
-          "dml2": "DML, 2 instances", "kdcl2": "KDCL, 2 instances"}
+          "dml2": "DML, 2 instances", "kdcl2": "KDCL, 2 instances",
+          "hier4-late": "hier4 with late consensus (beta 1 -> 0.1 over the run)"}
 # the paper's CIFAR-10 ResNet-32 test error (%), its table (0 %) and its noisy-label figure (digitised, approximate)
 PAPER = {"single": {0.0: "6.66 ± 0.21", 0.1: "≈9.2", 0.3: "≈11.4", 0.5: "≈13.7"},
          "ls": {0.0: "6.83 ± 0.14"},
@@ -109,7 +113,7 @@ PAPER = {"single": {0.0: "6.66 ± 0.21", 0.1: "≈9.2", 0.3: "≈11.4", 0.5: "�
          "heads2": {0.0: "5.97 ± 0.07", 0.1: "≈7.25", 0.3: "≈9.2", 0.5: "≈11.8"},
          "hier4": {0.0: "5.86 ± 0.13", 0.1: "≈7.05", 0.3: "≈9.1", 0.5: "≈11.9"},
          "hier4-norescale": {}, "dml4": {}, "one4": {}, "kdcl4": {}, "pcl4": {}, "pcl4-d99": {}, "heads4": {},
-         "ind4": {}, "dml2": {}, "kdcl2": {}}
+         "ind4": {}, "dml2": {}, "kdcl2": {}, "hier4-late": {}}
 
 # shared by every row; the per-cell keys (fold, seeds, noise) are added in overrides()
 SETTINGS = {

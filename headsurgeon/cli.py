@@ -412,7 +412,7 @@ def recipe_cmd(recipe: str | None, sets: tuple[str, ...], schema: bool, output: 
 @click.argument("recipe", required=False, type=click.Path())
 @click.option("--variant", "variants", multiple=True, metavar="NAME", help="A variant to compare with the single model "
               "(repeatable or comma-separated): single, inst2, inst4, heads2, heads4, hier4, hier4-norescale, ind4, one4, "
-              "dml2, dml4, kdcl2, kdcl4, pcl4, or a name from --variants.")
+              "dml2, dml4, kdcl2, kdcl4, pcl4, hier4-late, or a name from --variants.")
 @click.option("--variants", "variants_file", default=None, type=click.Path(dir_okay=False),
               help="YAML file of your own variants: name -> recipe overrides (a mapping of keys, or KEY=VALUE strings).")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Seeds, comma-separated; each seed is one paired "
@@ -442,7 +442,7 @@ def compare_cmd(recipe: str | None, variants: tuple[str, ...], variants_file: st
     Resumable: a rerun runs only missing (or failed) cells. `headsurgeon compare DIR --report` re-prints."""
     import time
 
-    from .compare import compare, write_report
+    from .compare import BUILTIN, compare, write_report
 
     if report_only:
         if not recipe or output or variants or variants_file or sets:
@@ -452,8 +452,7 @@ def compare_cmd(recipe: str | None, variants: tuple[str, ...], variants_file: st
     names = [v.strip() for item in variants for v in item.split(",") if v.strip()]
     if not names:
         raise HeadsurgeonError("name at least one --variant to compare with the single model, e.g. --variant hier4 "
-                               "(built-in: single, inst2, inst4, heads2, heads4, hier4, hier4-norescale, ind4, one4, "
-                               "dml2, dml4, kdcl2, kdcl4, pcl4)")
+                               f"(built-in: {', '.join(BUILTIN)})")
     slurm = {"partition": slurm_partition, "gpus": slurm_gpus, "cpus": slurm_cpus, "timeout_min": slurm_time}
     if executor != "slurm" and any(v is not None for v in slurm.values()):
         raise HeadsurgeonError("--slurm-* options are for --executor slurm")

@@ -56,18 +56,20 @@ def builtin_sets(name: str, a: str, b: str) -> list[str]:
             "heads2": ("heads", 2, "cl"), "heads4": ("heads", 4, "cl"), "hier4": ("hier4", None, "cl"),
             "hier4-norescale": ("hier4", None, "cl"), "ind4": ("hier4", None, "cl"), "one4": ("heads", 4, "one"),
             "dml2": ("inst", 2, "dml"), "dml4": ("inst", 4, "dml"), "kdcl2": ("inst", 2, "kdcl"),
-            "kdcl4": ("hier4", None, "kdcl"), "pcl4": ("heads", 4, "pcl")}[name]
+            "kdcl4": ("hier4", None, "kdcl"), "pcl4": ("heads", 4, "pcl"), "hier4-late": ("hier4", None, "cl")}[name]
     shape, heads, objective = kind
     sets, fanout = tree[shape]
     out = [*sets, *([f"split.heads={heads}"] if heads else []), *([fanout] if fanout else []),
            f"split.rescale={'false' if name == 'hier4-norescale' else 'true'}", f"loss.objective={objective}"]
     if name == "ind4":
         out.append("loss.beta=1.0")  # cross-entropy only: multi-head training without the consensus term
+    if name == "hier4-late":  # late consensus: cross-entropy first, the consensus term grows to 0.9 by the end
+        out += ["loss.beta=1.0", "loss.beta_end=0.1"]
     return out
 
 
 BUILTIN = ("single", "inst2", "inst4", "heads2", "heads4", "hier4", "hier4-norescale", "ind4", "one4", "dml2",
-           "dml4", "kdcl2", "kdcl4", "pcl4")
+           "dml4", "kdcl2", "kdcl4", "pcl4", "hier4-late")
 NEEDS_POINTS = {v for v in BUILTIN if builtin_sets(v, "A", "B") != builtin_sets(v, "X", "Y")}
 
 

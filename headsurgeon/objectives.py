@@ -243,20 +243,45 @@ class CL(Objective):
     KL with T=3, T^2, a ramp and does not detach the target; MCL-OKD's uses 0.5/0.5, T=2, T^2 and
     detaches. Ours is the paper's form; ``t2`` is open because the paper does not say.
     This is exactly (bit for bit) :func:`headsurgeon.collaborative_loss`, which calls it.
+
+    ``beta_end`` makes the consensus *late* (NCT, JoCoR and codistillation's burn-in weight it late, where
+    memorisation happens; research notes regime.md §2b, §4): beta moves linearly from ``beta`` at epoch 0
+    to ``beta_end`` at the 0-based epoch ``beta_epochs - 1`` and stays there, by :meth:`set_epoch`.
     """
     name: ClassVar[str] = "cl"
     beta: float = 0.5
     temperature: float = 2.0
     t2: bool = False
     label_smoothing: float = 0.0
+    beta_end: float | None = None
+    beta_epochs: int = 0
 
     def __post_init__(self):
-        if not 0.0 <= self.beta <= 1.0:
-            raise HeadsurgeonError(f"beta must be in [0, 1], got {self.beta}")
+        for k in ("beta", "beta_end"):
+            v = getattr(self, k)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise HeadsurgeonError(f"{k} must be in [0, 1], got {v}")
+        if self.beta_end is not None and (not isinstance(self.beta_epochs, int) or self.beta_epochs < 1):
+            raise HeadsurgeonError(f"beta_end needs beta_epochs, the epochs over which beta moves (an integer "
+                                   f">= 1, e.g. the run's epochs), got {self.beta_epochs!r}")
         super().__post_init__()
 
+    def describe(self) -> dict:
+        d = super().describe()
+        if self.beta_end is None:  # a constant beta has no schedule to record
+            del d["beta_end"], d["beta_epochs"]
+        return d
+
+    @property
+    def beta_now(self) -> float:
+        """The hard-term weight this epoch: ``beta``, or its linear schedule towards ``beta_end``."""
+        if self.beta_end is None or self.beta_epochs <= 1:
+            return self.beta if self.beta_end is None else self.beta_end
+        f = min(self.epoch, self.beta_epochs - 1) / (self.beta_epochs - 1)
+        return (1 - f) * self.beta + f * self.beta_end  # exactly beta at f = 0 and beta_end at f = 1
+
     def __call__(self, logits, target, features=None, modules=None, mean_logits=None) -> LossOut:
-        beta, temperature = self.beta, self.temperature
+        beta, temperature = self.beta_now, self.temperature
         logits = _check(logits, target, "collaborative_loss")
         heads = len(logits)
         hard = [hard_ce(z, target, self.label_smoothing) for z in logits]

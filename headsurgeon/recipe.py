@@ -17,6 +17,7 @@ import difflib
 import importlib.util
 import json
 import re
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal, Sequence
 
@@ -280,6 +281,11 @@ class LossCfg(_Section):
         "(docs/objectives.md, Adding an objective)",
         json_schema_extra=lambda schema: schema.update(enum=list(_builtin_objectives())))
     beta: Prob = Field(0.5, description="cl only: weight of the hard (label) term")
+    beta_end: Prob | None = Field(None, description="cl only: late consensus: beta moves linearly from 'beta' at the "
+                                  "first epoch to this at epoch 'beta_epochs' (e.g. beta 1, beta_end 0.1: "
+                                  "cross-entropy first, consensus late; null: beta throughout)")
+    beta_epochs: int = Field(0, ge=0, description="cl only, with beta_end: the epoch (1-based) at which beta reaches "
+                             "beta_end and stays (0: the run's last epoch)")
     temperature: float | None = Field(None, gt=0, description="soft-target temperature (null: the objective's own "
                                       "default: cl 2, dml 1, one 3, kdcl 3, pcl 3)")
     t2: bool = Field(False, description="cl only: multiply the soft term by T^2 (dml/one/kdcl/pcl always do)")
@@ -493,6 +499,11 @@ class Recipe(_Section):
             raise ValueError(f"'ema' is set but loss.objective '{self.loss.objective}' keeps its own temporal mean (EMA) "
                              "of the tree, which "
                              "is evaluated and exported; set its decay with 'loss.ema_decay' and leave 'ema' off")
+        if self.loss.beta_end is not None and "beta_end" not in {f.name for f in fields(OBJECTIVES[self.loss.objective])}:
+            raise ValueError(f"'loss.beta_end' schedules cl's beta; loss.objective '{self.loss.objective}' has no beta "
+                             f"(use loss.objective: cl, or leave beta_end out)")
+        if self.loss.beta_epochs and self.loss.beta_end is None:
+            raise ValueError("'loss.beta_epochs' is set but 'loss.beta_end' is not; give beta_end (the beta it moves to)")
         self._check_data()
         return self
 

@@ -24,7 +24,7 @@ first consumer (:mod:`headsurgeon.train`).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -60,24 +60,28 @@ def temporal_mean(tree: HeadTree, objective: O.Objective, decay: float | bool = 
     return ema
 
 
-def _agreed_batches(loader, device: torch.device) -> int:
-    """The most batches any rank's shard of a split has, agreed *before* the first forward: under FSDP
-    every forward all-gathers each segment's shards, so a collective issued later, while another rank
-    is still mid-forward, would pair with that forward's all-gathers and hang both."""
-    most = torch.tensor([len(loader)], device=device)
-    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-    return int(most.item())
-
-
-def _pad_forwards(tree: HeadTree, count: int, empty: torch.Tensor | None, device: torch.device,
-                  autocast: Callable) -> None:
-    """Forwards of an empty batch, so a rank whose shard has fewer batches runs as many forwards (each
-    gathering the shards) as the rank with the most."""
-    if count > 0 and empty is None:
-        empty = torch.zeros(0, *tree.spec.input_size, device=device)
-    for _ in range(count):
+def _eval_batches(tree: HeadTree, loader, device: torch.device, autocast: Callable, channels_last: bool,
+                  lockstep: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's batches on ``device``; iterate it in eval mode under ``no_grad``. With ``lockstep`` (a
+    sharded tree: under FSDP every forward all-gathers each segment's shards), a rank whose shard has fewer
+    batches then runs empty forwards until it has run as many as the rank with the most. That count is
+    agreed *before* the first forward: a collective issued later, while another rank is mid-forward,
+    would pair with that forward's all-gathers and hang both."""
+    most = 0
+    if lockstep:
+        agreed = torch.tensor([len(loader)], device=device)
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+        most = int(agreed.item())
+    batches, empty = 0, None
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, y
+        batches, empty = batches + 1, x[:0]
+    for _ in range(most - batches):
         with autocast():
-            tree(empty)
+            tree(empty if empty is not None else torch.zeros(0, *tree.spec.input_size, device=device))
 
 
 def evaluate(tree: HeadTree, loader, device: torch.device | str | None = None, autocast: Callable = contextlib.nullcontext,
@@ -91,13 +95,8 @@ def evaluate(tree: HeadTree, loader, device: torch.device | str | None = None, a
     heads = tree.num_heads
     correct = torch.zeros(heads + 1, 2, dtype=torch.float64, device=device)
     n = torch.zeros((), dtype=torch.float64, device=device)
-    most = _agreed_batches(loader, device) if lockstep else 0
-    batches, empty = 0, None
     with eval_mode(tree), torch.no_grad():
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        for x, y in _eval_batches(tree, loader, device, autocast, channels_last, lockstep):
             with autocast():
                 outs = [o.float() for o in tree(x)]
             k = min(5, outs[0].shape[1])
@@ -105,8 +104,6 @@ def evaluate(tree: HeadTree, loader, device: torch.device | str | None = None, a
                 a1, a5 = accuracy(o, y, topk=(1, k))
                 correct[i] += torch.stack([a1, a5]).to(correct) * len(y) / 100
             n += len(y)
-            batches, empty = batches + 1, x[:0]
-        _pad_forwards(tree, most - batches, empty, device, autocast)
     if distributed:
         torch.distributed.all_reduce(correct)
         torch.distributed.all_reduce(n)
@@ -127,13 +124,9 @@ def evaluate_fit(tree: HeadTree, loader, offsets: dict[int, int], classes: int, 
     heads = tree.num_heads
     counts = torch.zeros(heads, 3, dtype=torch.float64, device=device)  # noisy hits, true hits, memorised
     n = torch.zeros(2, dtype=torch.float64, device=device)  # samples, flipped samples
-    most = _agreed_batches(loader, device) if lockstep else 0
-    seen, batches, empty = 0, 0, None
+    seen = 0
     with eval_mode(tree), torch.no_grad():
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        for x, y in _eval_batches(tree, loader, device, autocast, channels_last, lockstep):
             off = torch.tensor([offsets.get(i, 0) for i in range(seen, seen + len(y))], device=device)
             noisy, flipped = (y + off) % classes, off != 0
             with autocast():
@@ -143,8 +136,6 @@ def evaluate_fit(tree: HeadTree, loader, offsets: dict[int, int], classes: int, 
             counts[:, 2] += ((preds == noisy) & flipped).sum(1)
             n += torch.tensor([len(y), int(flipped.sum())], dtype=torch.float64, device=device)
             seen += len(y)
-            batches, empty = batches + 1, x[:0]
-        _pad_forwards(tree, most - batches, empty, device, autocast)
     if distributed:
         torch.distributed.all_reduce(counts)
         torch.distributed.all_reduce(n)

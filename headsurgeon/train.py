@@ -45,6 +45,8 @@ def objective_for(recipe: R.Recipe) -> O.Objective:
     mixing = d.mixup > 0 or d.cutmix > 0 or d.cutmix_minmax is not None  # Mixup smooths the targets itself
     keys = loss.model_dump()
     keys["label_smoothing"] = 0.0 if mixing else loss.label_smoothing
+    if keys.get("beta_end") is not None and not keys.get("beta_epochs"):
+        keys["beta_epochs"] = recipe.epochs  # the schedule ends at the run's last epoch
     params = {f.name: keys[f.name] for f in fields(O.OBJECTIVES[loss.objective])
               if f.name in keys and keys[f.name] is not None}
     return O.get(loss.objective, **params)
@@ -666,6 +668,8 @@ def _evaluate_epoch(run: Run, epoch: int, judged: HeadTree, loss: float, fit_: l
         run.scheduler.step(epoch + 1, max(h["top1"] for h in metrics["val"]["heads"]) if evaluated else None)
     row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss, "train_top1": fit_, "loss_terms": terms,
            "time_s": round(time.time() - t0, 2), **metrics}
+    if getattr(run.objective, "beta_end", None) is not None:  # cl's late-consensus schedule: the beta trained with
+        row["beta"] = run.objective.beta_now
     if run.fit_eval is not None and ((epoch + 1) % r.log.fit_every == 0 or epoch + 1 == r.epochs):
         row["fit"] = evaluate_fit(judged, *run.fit_eval, run.splits.num_classes, proc.device, run.autocast,
                                   r.channels_last, shards, lockstep)

@@ -247,3 +247,10 @@ def test_slurm_jobs_get_the_requested_resources(tmp_path, monkeypatch):
     ex = C._executor("slurm", tmp_path / "s", 2, {"partition": "gpu", "gpus": 1, "cpus": 8, "timeout_min": 90})
     p = ex.ex._executor.parameters
     assert (p["partition"], p["gpus_per_node"], p["cpus_per_task"], p["time"]) == ("gpu", 1, 8, 90)
+
+
+def test_cli_help_names_every_builtin_variant():
+    from headsurgeon.cli import main
+
+    opt = next(p for p in main.commands["compare"].params if p.name == "variants")
+    assert [v for v in C.BUILTIN if v not in opt.help.replace(",", " ").split()] == []

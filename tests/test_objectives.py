@@ -178,6 +178,29 @@ def test_cl_reference_row_and_terms():
     assert [s.item() for s in out2.soft] == pytest.approx([4 * s.item() for s in out.soft], rel=1e-12)
 
 
+def test_cl_late_consensus_schedule():
+    """beta 1 -> 0.1 over 10 epochs: beta_e = (1 - e/9) * 1 + (e/9) * 0.1, exactly the end points, held after;
+    each epoch's loss is the constant-beta objective's at beta_e, bit for bit (the same ops)."""
+    cl = O.get("cl", beta=1.0, beta_end=0.1, beta_epochs=10)
+    want = {0: 1.0, 3: 0.7, 4: 0.6, 9: 0.1, 25: 0.1}
+    Z, y = list(_z10()), torch.tensor(Y10)
+    for e, b in want.items():
+        cl.set_epoch(e)
+        assert cl.beta_now == pytest.approx(b, abs=1e-15) and (e not in (0, 9, 25) or cl.beta_now == b)
+        assert torch.equal(cl(Z, y).loss, O.get("cl", beta=cl.beta_now)(Z, y).loss)
+    cl.set_epoch(0)
+    assert torch.equal(cl(Z, y).loss, sum(O.get("cl")(Z, y).hard))  # beta 1: cross-entropy only
+    assert cl.describe() == {"name": "cl", "beta": 1.0, "temperature": 2.0, "t2": False, "label_smoothing": 0.0,
+                             "beta_end": 0.1, "beta_epochs": 10}
+    assert O.get(**cl.describe()).describe() == cl.describe()
+    one = O.get("cl", beta=0.2, beta_end=0.9, beta_epochs=1)  # a one-epoch schedule is already at its end
+    assert one.beta_now == 0.9
+    with pytest.raises(HeadsurgeonError, match="beta_end needs beta_epochs"):
+        O.get("cl", beta_end=0.1)
+    with pytest.raises(HeadsurgeonError, match=r"beta_end must be in \[0, 1\], got 1.5"):
+        O.get("cl", beta_end=1.5, beta_epochs=3)
+
+
 # --- dml -------------------------------------------------------------------------------------------
 
 def test_dml_reference_rows():

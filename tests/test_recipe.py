@@ -46,6 +46,9 @@ def test_unknown_key_names_the_nearest(tmp_path):
     ("epochs: 0\n", r"'epochs' is 0; expected an integer >= 1"),
     ("loss: {beta: 1.5}\n", r"'loss.beta' is 1.5; expected a number >= 0 and <= 1"),
     ("loss: {temperature: 0}\n", r"'loss.temperature' is 0; expected a number > 0"),
+    ("loss: {objective: dml, beta_end: 0.1}\n", r"'loss.beta_end' schedules cl's beta; loss.objective 'dml' has no beta"),
+    ("loss: {beta_epochs: 10}\n", r"'loss.beta_epochs' is set but 'loss.beta_end' is not"),
+    ("loss: {beta_end: -0.1}\n", r"'loss.beta_end' is -0.1; expected a number >= 0 and <= 1"),
     ("data: {val_fraction: 0}\n", r"'data.val_fraction' is 0"),
     ("data: {label_noise: 1.0}\n", r"'data.label_noise' is 1.0; expected a number >= 0 and < 1"),
     ("amp: fp8\n", r"'amp' is 'fp8'; expected one of False, True, 'bf16', 'fp16'"),
@@ -307,3 +310,16 @@ def test_long_study_recipe_is_the_studys_setting(row, noise):
     shipped, _ = R.load(RECIPES / "fashion-mnist-long.yaml", sets)
     study, _ = R.load(None, paper.overrides(row, noise, 0, 3, paper.FML_SETTINGS))
     assert shipped.model_dump() == study.model_dump()
+
+
+def test_late_consensus_schedule_ends_at_the_runs_last_epoch_unless_told():
+    from headsurgeon.train import objective_for
+
+    r, _ = R.load(None, ["loss.beta=1", "loss.beta_end=0.1", "epochs=7"])
+    cl = objective_for(r)
+    assert (cl.beta, cl.beta_end, cl.beta_epochs) == (1.0, 0.1, 7)
+    cl.set_epoch(6)
+    assert cl.beta_now == 0.1
+    r, _ = R.load(None, ["loss.beta_end=0.1", "loss.beta_epochs=3", "epochs=7"])
+    assert objective_for(r).beta_epochs == 3
+    assert "beta_end" not in objective_for(R.load(None, [])[0]).describe()  # no schedule, none recorded

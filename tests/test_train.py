@@ -247,3 +247,22 @@ def yaml_dump(obj):
     import yaml
 
     return yaml.safe_dump(obj, sort_keys=False)
+
+
+def test_late_consensus_schedule_is_logged_and_resumes_exactly(folder, tmp_path):
+    """beta 1 -> 0.1 over 3 epochs: the rows log 1, 0.55, 0.1; stopped after epoch 1 and resumed, the run
+    ends on the weights of the straight run (the schedule follows the epoch, not the process)."""
+    flat = _recipe(folder, "epochs=3", "loss.beta=1", "loss.beta_end=0.1")
+    straight, parts = tmp_path / "straight", tmp_path / "parts"
+    s = T.train(flat, output=str(straight), log=lambda m: None)
+    rows = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["beta"] for r in rows] == [1.0, pytest.approx(0.55, abs=1e-15), 0.1]
+    assert s["objective"] == {"name": "cl", "beta": 1.0, "temperature": 2.0, "t2": False, "label_smoothing": 0.0,
+                              "beta_end": 0.1, "beta_epochs": 3}
+    T.train(flat, output=str(parts), stop_after=1, log=lambda m: None)
+    T.train(flat, output=str(parts), resume=True, log=lambda m: None)
+    wa, wb = _weights(straight), _weights(parts)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    T.train(_recipe(folder, "epochs=3", "loss.beta=1"), output=str(tmp_path / "constant"), log=lambda m: None)
+    wc = _weights(tmp_path / "constant")  # beta 1 throughout: the same first epoch, then other weights
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
