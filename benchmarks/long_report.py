@@ -9,7 +9,9 @@ are regime.md §5's, completed for the claims it does not name):
 
 - every comparison pairs two rows on the same seed (same data order, the same noise draw); the gain is the
   mean paired difference in test top-1 (pp, + = the first row better) ± its SE over seeds; a difference
-  *holds* only if |gain| > 2 SE with >= 3 pairs; fewer pairs give a number and no verdict;
+  *holds* only if |gain| > 2 SE with >= 3 pairs; fewer pairs give a number and no verdict (with 3 pairs
+  2 SE is a liberal bar, about an 82 % interval of Student's t with 2 df: the paired t-test's p is
+  printed beside every gain);
 - *final*: each row's validation-chosen head at the last epoch (no early stopping); *early-stopped*: the
   validation-chosen epoch and head (the validation labels carry the noise), what ``collapse`` exports;
 - generalisation, "reproduced in-regime": hier4 > single at the final epoch at both 0 % and 40 % noise;
@@ -44,7 +46,7 @@ from headsurgeon.compare import mcnemar, se  # noqa: E402
 
 NOISES = (0.0, 0.4)
 WHEN = {"final": ("final", "last_preds"), "early": ("best", "best_preds")}  # cell key, predictions key
-CLAIMS = [  # (claim, row a, row b, noise levels); + = a better
+CLAIMS = [  # (claim, row a, row b), each at every noise level; + = a better
     ("gain over single", "hier4", "single"), ("gain over single", "hier4-norescale", "single"),
     ("gain over single", "ind4", "single"), ("gain over single", "one4", "single"),
     ("gain over single", "dml2", "single"), ("gain over single", "kdcl2", "single"),
@@ -92,10 +94,15 @@ def compare_rows(folder: Path, cells: list[dict[str, Any]], a: str, b: str, nois
         only_b += int((~ra & rb).sum())
         images += len(y)
     g, s_ = statistics.fmean(d), se(d)
+    t_p = None
+    if s_:  # the paired t-test's two-sided p, beside the 2-SE rule (with 3 pairs, 2 SE is an ~82 % interval)
+        from scipy.stats import t as student
+
+        t_p = float(2 * student.sf(abs(g) / s_, len(d) - 1))
     holds = None
     if len(d) >= MIN_PAIRS and s_ is not None:
         holds = "a" if g > 2 * s_ else "b" if g < -2 * s_ else "neither"
-    return {"seeds": seeds, "gain": g, "se": s_, "diffs": d, "holds": holds,
+    return {"seeds": seeds, "gain": g, "se": s_, "t_p": t_p, "diffs": d, "holds": holds,
             "mcnemar": {"only_a": only_a, "only_b": only_b, "images": images, "p": mcnemar(only_a, only_b)}}
 
 
@@ -127,24 +134,24 @@ def _find(claims: list[dict[str, Any]], a: str, b: str, n: float, when: str) -> 
     return None
 
 
-def _pending(r: dict[str, Any] | None) -> str | None:
-    if r is None:
-        return "pending (no paired cells yet)"
-    if r["holds"] is None:
-        return f"pending ({len(r['seeds'])} of {MIN_PAIRS} paired seeds)"
+def _pending(*rs: dict[str, Any] | None) -> str | None:
+    if any(r is None for r in rs):
+        return "pending (no paired cells yet)" if len(rs) == 1 else "pending (a noise level has no paired cells yet)"
+    if any(r["holds"] is None for r in rs):
+        return f"pending ({' and '.join(str(len(r['seeds'])) for r in rs)} of {MIN_PAIRS} paired seeds)"
     return None
 
 
 def verdicts(claims: list[dict[str, Any]]) -> dict[str, str]:
     v: dict[str, str] = {}
     f0, f4 = _find(claims, "hier4", "single", 0.0, "final"), _find(claims, "hier4", "single", 0.4, "final")
-    p = _pending(f0) or _pending(f4)
+    p = _pending(f0, f4)
     v["generalisation (hier4 > single, final epoch, 0 % and 40 %)"] = p or (
         "reproduced in-regime" if f0["holds"] == f4["holds"] == "a" else
         "not reproduced: " + ", ".join(f"{n}: {'better' if r['holds'] == 'a' else 'worse' if r['holds'] == 'b' else 'no difference beyond 2 SE'}"
                                       for n, r in (("0 %", f0), ("40 %", f4))))
     e4 = _find(claims, "hier4", "single", 0.4, "early")
-    p = _pending(e4) or _pending(f4)
+    p = _pending(e4, f4)
     v["noise robustness (hier4 > single early-stopped, 40 %)"] = p or (
         "robust to noise" if e4["holds"] == "a" else
         "delayed memorisation only (beats the final-epoch single, not the early-stopped one)" if f4["holds"] == "a"
@@ -159,7 +166,7 @@ def verdicts(claims: list[dict[str, Any]]) -> dict[str, str]:
             for w in WHEN:
                 r = _find(claims, a, b, n, w)
                 pend = _pending(r)
-                parts.append(f"{n:.0%} {w}: " + (pend or {"a": f"{a} better", "b": f"{b} better",
+                parts.append(f"{_pct(n)} {w}: " + (pend or {"a": f"{a} better", "b": f"{b} better",
                                                           "neither": "no difference beyond 2 SE"}[r["holds"]]))
         v[name] = "; ".join(parts)
     return v
@@ -184,30 +191,35 @@ def _g(r: dict[str, Any] | None) -> str:
     if r is None:
         return "–"
     s = f"{r['gain']:+.2f}" + (f" ± {r['se']:.2f}" if r["se"] is not None else "")
-    m = r["mcnemar"]
-    return f"{s} ({len(r['seeds'])}; p {m['p']:.2g})"
+    t = f"; t p {r['t_p']:.2g}" if r.get("t_p") is not None else ""
+    return f"{s} ({len(r['seeds'])}{t}; McNemar p {r['mcnemar']['p']:.2g})"
+
+
+def _pct(n: float) -> str:
+    return f"{n * 100:.0f} %"
 
 
 def _ceil(c: dict[str, Any] | None) -> str:
-    return "–" if c is None else f"{c['gain']:+.2f} ({c['runs']} runs)"
+    return "" if c is None else f"{c['gain']:+.2f} ({c['runs']} runs)"
 
 
 def markdown(rep: dict[str, Any]) -> str:
     L = ["Paired gains in pp of test top-1 (+ = the first row better) ± SE over seeds (number of paired seeds; "
-         "exact McNemar p on the predictions pooled over those seeds). *final*: the validation-chosen head at "
-         "epoch 100; *early-stopped*: the validation-chosen epoch and head (noisy validation labels). Ceiling: "
-         "the ensemble of the independent single runs minus the mean single run at the same epoch choice "
-         f"(gate G3). A difference holds only beyond 2 SE with >= {MIN_PAIRS} pairs.", "",
+         "the paired t-test's p; exact McNemar p on the predictions pooled over those seeds). *final*: the "
+         "validation-chosen head at the last epoch; *early-stopped*: the validation-chosen epoch and head (noisy "
+         "validation labels). Ceiling, beside the gains over the single model: the ensemble of the independent "
+         "single runs minus the mean single run at the same epoch choice (gate G3). A difference holds only "
+         f"beyond 2 SE with >= {MIN_PAIRS} pairs.", "",
          "| comparison | noise | final | early-stopped | ceiling final | ceiling early-stopped |", "|---|---|---|---|---|---|"]
     for c in rep["claims"]:
-        ce = rep["ceiling"][f"{c['noise']:g}"]
-        L.append(f"| {c['claim']}: {c['a']} vs {c['b']} | {c['noise']:.0%} | {_g(c['final'])} | {_g(c['early'])} | "
+        ce = rep["ceiling"][f"{c['noise']:g}"] if c["b"] == "single" else {"final": None, "early": None}
+        L.append(f"| {c['claim']}: {c['a']} vs {c['b']} | {_pct(c['noise'])} | {_g(c['final'])} | {_g(c['early'])} | "
                  f"{_ceil(ce['final'])} | {_ceil(ce['early'])} |")
     L += ["", "| row | noise | seeds | test final % | test early-stopped % | chosen epoch | train fit, true labels % | "
           "flipped labels memorised % | wall s / cell (resumed cells: the resumed part) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rep["rows"]:
         mem = "–" if r["memorised"] is None else f"{r['memorised']:.1f}"
-        L.append(f"| {r['row']} | {r['noise']:.0%} | {','.join(map(str, r['seeds']))} | {r['final']:.2f} | "
+        L.append(f"| {r['row']} | {_pct(r['noise'])} | {','.join(map(str, r['seeds']))} | {r['final']:.2f} | "
                  f"{r['early']:.2f} | {r['best_epoch']:.0f} | {r['fit_true']:.1f} | {mem} | {r['wall_s']:.0f} |")
     L += ["", "Verdicts (the rules in `benchmarks/long_report.py`'s docstring):", ""]
     L += [f"- **{k}**: {v}" for k, v in rep["verdicts"].items()]
@@ -236,7 +248,7 @@ def plot(cells: list[dict[str, Any]], path: Path) -> None:
         ax2.plot(cs[0]["eval_epochs"], te.mean(0), color=line.get_color())
         ax2.fill_between(cs[0]["eval_epochs"], te.min(0), te.max(0), color=line.get_color(), alpha=0.2)
     for ax, t in ((ax1, "flipped training labels memorised (%)"), (ax2, "test top-1, mean head (%)")):
-        ax.set_xlabel("epoch (lr / 10 at 50 and 75)")
+        ax.set_xlabel("epoch")
         ax.set_title(t, fontsize=10)
         ax.grid(alpha=0.3)
     ax1.legend(title="row (seeds)", fontsize=8)

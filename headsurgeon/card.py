@@ -230,6 +230,8 @@ def _how_made(spec: SplitSpec, head: int, summary: Mapping[str, Any] | None, r: 
     elif r:
         add(f"- **Loss:** collaborative learning, β = {r.get('loss.beta')} (weight of the hard-label term), "
             f"T = {r.get('loss.temperature')} (soft-target temperature)"
+            + (f", β moving to {r['loss.beta_end']} by epoch {r.get('loss.beta_epochs') or r.get('epochs')} "
+               f"(late consensus)" if r.get("loss.beta_end") is not None else "")
             + (", soft term × T²" if r.get("loss.t2") else "")
             + (f", label smoothing {r['loss.label_smoothing']}" if r.get("loss.label_smoothing") else "") + ".")
     if r:

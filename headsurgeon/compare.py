@@ -364,6 +364,11 @@ def plan(recipe: str | os.PathLike | None, variants: Sequence[str], sets: Sequen
     clash = [v for v in user if v in BUILTIN]
     if clash:
         raise HeadsurgeonError(f"--variants {variants_file}: {', '.join(clash)} is a built-in variant name; rename it")
+    if base.loss.beta_end is not None and any(v not in user for v in names):
+        raise HeadsurgeonError("the recipe sets loss.beta_end (a schedule of cl's beta), which would leak into the "
+                               "built-in variants (ind4 would not be cross-entropy only; dml, kdcl, one and pcl refuse "
+                               "it): leave it out of the recipe and compare the built-in hier4-late, or put the "
+                               "schedule in a variant of your own (--variants FILE)")
     if base.tree:
         raise HeadsurgeonError(f"the recipe fixes its tree (tree: {base.tree}); compare splits the model itself: "
                                f"give the recipe a model: instead")

@@ -285,7 +285,8 @@ class LossCfg(_Section):
                                   "first epoch to this at epoch 'beta_epochs' (e.g. beta 1, beta_end 0.1: "
                                   "cross-entropy first, consensus late; null: beta throughout)")
     beta_epochs: int = Field(0, ge=0, description="cl only, with beta_end: the epoch (1-based) at which beta reaches "
-                             "beta_end and stays (0: the run's last epoch)")
+                             "beta_end and stays, at most 'epochs' (0: the run's last epoch; a finished run resumed with more epochs "
+                             "then stretches the schedule as it does the lr's)")
     temperature: float | None = Field(None, gt=0, description="soft-target temperature (null: the objective's own "
                                       "default: cl 2, dml 1, one 3, kdcl 3, pcl 3)")
     t2: bool = Field(False, description="cl only: multiply the soft term by T^2 (dml/one/kdcl/pcl always do)")
@@ -504,6 +505,9 @@ class Recipe(_Section):
                              f"(use loss.objective: cl, or leave beta_end out)")
         if self.loss.beta_epochs and self.loss.beta_end is None:
             raise ValueError("'loss.beta_epochs' is set but 'loss.beta_end' is not; give beta_end (the beta it moves to)")
+        if self.loss.beta_epochs > self.epochs:
+            raise ValueError(f"'loss.beta_epochs' is {self.loss.beta_epochs} but the run has {self.epochs} epochs, so "
+                             f"beta would never reach beta_end; use at most {self.epochs} (0: the last epoch)")
         self._check_data()
         return self
 

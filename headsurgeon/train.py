@@ -668,7 +668,7 @@ def _evaluate_epoch(run: Run, epoch: int, judged: HeadTree, loss: float, fit_: l
         run.scheduler.step(epoch + 1, max(h["top1"] for h in metrics["val"]["heads"]) if evaluated else None)
     row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss, "train_top1": fit_, "loss_terms": terms,
            "time_s": round(time.time() - t0, 2), **metrics}
-    if getattr(run.objective, "beta_end", None) is not None:  # cl's late-consensus schedule: the beta trained with
+    if isinstance(run.objective, O.CL) and run.objective.beta_end is not None:  # the late-consensus beta trained with
         row["beta"] = run.objective.beta_now
     if run.fit_eval is not None and ((epoch + 1) % r.log.fit_every == 0 or epoch + 1 == r.epochs):
         row["fit"] = evaluate_fit(judged, *run.fit_eval, run.splits.num_classes, proc.device, run.autocast,

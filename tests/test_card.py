@@ -184,3 +184,12 @@ def test_a_run_is_labelled_by_its_best_record(tmp_path):
     summary, _ = read_run(run)
     assert summary["best_epoch"] == 5 and summary["best_head"] == 0 and summary["heads"][0]["test_top1"] == 70.0
     assert summary["finished"] is True and summary["epochs_done"] == 6  # the run's progress: summary.json
+
+
+def test_card_without_a_recorded_objective_names_the_beta_schedule():
+    spec = hs.split("test_resnet", at=["layer4"], heads=2, num_classes=3, input_size=[3, 32, 32]).spec
+    late = {**RECIPE, "loss": {**RECIPE["loss"], "beta": 1.0, "beta_end": 0.1}}
+    card = build_card(spec, 1, summary=SUMMARY, recipe=late)
+    assert "β = 1.0 (weight of the hard-label term), T = 3.0 (soft-target temperature), β moving to 0.1 by epoch 6 " \
+           "(late consensus)." in card
+    assert "late consensus" not in build_card(spec, 1, summary=SUMMARY, recipe=RECIPE)

@@ -254,3 +254,11 @@ def test_cli_help_names_every_builtin_variant():
 
     opt = next(p for p in main.commands["compare"].params if p.name == "variants")
     assert [v for v in C.BUILTIN if v not in opt.help.replace(",", " ").split()] == []
+
+
+def test_a_recipe_with_a_beta_schedule_is_refused_for_builtin_variants():
+    """loss.beta_end in the base would turn ind4 into a schedule and fail dml/kdcl/one/pcl: one line, before any cell."""
+    with pytest.raises(HeadsurgeonError, match=r"the recipe sets loss.beta_end .* compare the built-in hier4-late"):
+        C.plan(None, ["ind4"], ["loss.beta_end=0.1"])
+    _, sets = C.plan(None, ["hier4-late", "ind4"])
+    assert sets["hier4-late"][-2:] == ["loss.beta=1.0", "loss.beta_end=0.1"] and "loss.beta_end=0.1" not in sets["ind4"]

@@ -49,6 +49,7 @@ def test_unknown_key_names_the_nearest(tmp_path):
     ("loss: {objective: dml, beta_end: 0.1}\n", r"'loss.beta_end' schedules cl's beta; loss.objective 'dml' has no beta"),
     ("loss: {beta_epochs: 10}\n", r"'loss.beta_epochs' is set but 'loss.beta_end' is not"),
     ("loss: {beta_end: -0.1}\n", r"'loss.beta_end' is -0.1; expected a number >= 0 and <= 1"),
+    ("epochs: 10\nloss: {beta_end: 0.1, beta_epochs: 11}\n", r"'loss.beta_epochs' is 11 but the run has 10 epochs"),
     ("data: {val_fraction: 0}\n", r"'data.val_fraction' is 0"),
     ("data: {label_noise: 1.0}\n", r"'data.label_noise' is 1.0; expected a number >= 0 and < 1"),
     ("amp: fp8\n", r"'amp' is 'fp8'; expected one of False, True, 'bf16', 'fp16'"),
