@@ -13,7 +13,8 @@ numbers to every tracker (primary process only):
 
 What is logged per head and for the ensemble: validation and test top-1 and top-5, training top-1
 (on the augmented, possibly noisy labels, as the loop measures it; the loop does not measure a
-training top-5), the objective's hard and soft loss terms (and ONE/PCL's teacher term), and per
+training top-5), the objective's hard and soft loss terms (and ONE/PCL's teacher term, cl's scheduled
+``beta``), and per
 run: the loss, the learning rate, training images per second and the head validation chooses.
 
 A resumed run continues each tracker where its last checkpoint was: ``summary.csv`` rows and
@@ -48,6 +49,8 @@ def scalars(row: dict[str, Any], best: dict[str, Any] | None = None,
             out[f"loss/{kind}/head{i}"] = v
     if "teacher_ce" in terms:
         out["loss/teacher_ce"] = terms["teacher_ce"]
+    if "beta" in row:  # cl's late-consensus schedule
+        out["loss/beta"] = row["beta"]
     for split in ("val", "test"):
         m = row[split]
         for i, h in enumerate(m["heads"]):

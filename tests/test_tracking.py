@@ -203,3 +203,14 @@ def test_a_failed_wandb_start_is_one_line_and_leaves_nothing(tmp_path, offline, 
     with pytest.raises(HeadsurgeonError, match="wandb.init failed"):
         T.train(flat, output=str(out), log=lambda m: None)
     assert out.is_dir() and not any(out.iterdir()), sorted(p.name for p in out.rglob("*"))
+
+
+def test_a_scheduled_beta_is_a_scalar_and_a_csv_column():
+    from headsurgeon import tracking
+
+    ev = {"heads": [{"top1": 50.0, "top5": 90.0}], "ensemble": {"top1": 50.0, "top5": 90.0}}
+    row = {"epoch": 3, "lr": 0.1, "train_loss": 1.5, "train_top1": [40.0], "val": ev, "test": ev,
+           "loss_terms": {"hard": [1.0], "soft": [0.5]}}
+    assert "loss/beta" not in tracking.scalars(row)
+    assert tracking.scalars({**row, "beta": 0.55})["loss/beta"] == 0.55
+    assert tracking.csv_columns({**row, "beta": 0.55})[0]["beta"] == 0.55
