@@ -111,6 +111,39 @@ def ceiling(folder: Path, cells: list[dict[str, Any]], noise: float, when: str) 
     return ensemble_gain(folder, single, WHEN[when][1].split("_")[0]) if len(single) >= 2 else None
 
 
+def disagreement(folder: Path, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Diversity, the room an ensemble has: the mean pairwise share of test images on which two heads of one
+    cell predict different classes, per row, beside the same share between independent single runs (their
+    deployed heads, seed against seed), at the final and the early-stopped checkpoint."""
+    import itertools
+
+    import numpy as np
+
+    def pairwise(preds: list[Any]) -> float:
+        return 100 * statistics.fmean(float((a != b).mean()) for a, b in itertools.combinations(preds, 2))
+
+    out = []
+    for n in NOISES:
+        at = [c for c in cells if abs(c["noise"] - n) < 1e-9]
+        for row in dict.fromkeys(c["row"] for c in sorted(at, key=lambda c: c["row"] != "single")):
+            cs = [c for c in at if c["row"] == row]
+            entry: dict[str, Any] = {"row": row, "noise": n, "cells": len(cs)}
+            for when, (_, arr) in WHEN.items():
+                if row == "single":
+                    if len(cs) < 2:
+                        break
+                    entry[when] = pairwise([_deployed(folder, c, when)[0] for c in cs])
+                else:
+                    per = []
+                    for c in cs:
+                        with np.load(folder / "predictions" / c["predictions"]) as z:
+                            per.append(pairwise(list(z[arr][:-1])))  # the heads; the last row is the ensemble
+                    entry[when] = statistics.fmean(per)
+            else:
+                out.append(entry)
+    return out
+
+
 def report(folder: Path) -> dict[str, Any]:
     cells = read_cells(folder)
     out: dict[str, Any] = {"folder": str(folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder),
@@ -124,6 +157,7 @@ def report(folder: Path) -> dict[str, Any]:
                 out["claims"].append({"claim": claim, "a": a, "b": b, "noise": n, **res})
     out["verdicts"] = verdicts(out["claims"])
     out["rows"] = rows_summary(cells)
+    out["disagreement"] = disagreement(folder, cells)
     return out
 
 
@@ -221,6 +255,11 @@ def markdown(rep: dict[str, Any]) -> str:
         mem = "–" if r["memorised"] is None else f"{r['memorised']:.1f}"
         L.append(f"| {r['row']} | {_pct(r['noise'])} | {','.join(map(str, r['seeds']))} | {r['final']:.2f} | "
                  f"{r['early']:.2f} | {r['best_epoch']:.0f} | {r['fit_true']:.1f} | {mem} | {r['wall_s']:.0f} |")
+    L += ["", "Diversity: mean pairwise disagreement on the test images (%) between the heads of one cell (mean over "
+          "its seeds), and for `single` between independent runs (seed against seed).", "",
+          "| row | noise | cells | final | early-stopped |", "|---|---|---|---|---|"]
+    L += [f"| {d['row']} | {_pct(d['noise'])} | {d['cells']} | {d['final']:.1f} | {d['early']:.1f} |"
+          for d in rep["disagreement"]]
     L += ["", "Verdicts (the rules in `benchmarks/long_report.py`'s docstring):", ""]
     L += [f"- **{k}**: {v}" for k, v in rep["verdicts"].items()]
     return "\n".join(L) + "\n"
