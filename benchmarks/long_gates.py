@@ -19,14 +19,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from headsurgeon.compare import read_cells  # last line per cell key; a cut line is one clear error
+
 ROOT = Path(__file__).resolve().parents[1]
 LONG = ROOT / "benchmarks" / "results" / "paper" / "fashion-mnist-long"
 
 
 def _cells(folder: Path) -> list[dict[str, Any]]:
-    p = folder / "cells.jsonl"
-    cells = [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.is_file() else []
-    return [c for c in cells if c["row"] == "single"]
+    return [c for c in read_cells(folder) if c["row"] == "single"]
 
 
 def ensemble_gain(folder: Path, cells: list[dict[str, Any]], sub: str) -> dict[str, Any] | None:

@@ -31,6 +31,7 @@ draws: read p as a per-image consistency check beside the seed-level SE, not as 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -42,10 +43,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from long_gates import LONG, ensemble_gain  # noqa: E402
 
-from headsurgeon.compare import mcnemar, se  # noqa: E402
+from headsurgeon.compare import mcnemar, read_cells, se  # noqa: E402
 
 NOISES = (0.0, 0.4)
-WHEN = {"final": ("final", "last_preds"), "early": ("best", "best_preds")}  # cell key, predictions key
+WHEN = {"final": ("final", "last"), "early": ("best", "best")}  # the cell's key, the checkpoint (its predictions)
 CLAIMS = [  # (claim, row a, row b), each at every noise level; + = a better
     ("gain over single", "hier4", "single"), ("gain over single", "hier4-norescale", "single"),
     ("gain over single", "ind4", "single"), ("gain over single", "one4", "single"),
@@ -58,19 +59,21 @@ CLAIMS = [  # (claim, row a, row b), each at every noise level; + = a better
 MIN_PAIRS = 3
 
 
-def read_cells(folder: Path) -> list[dict[str, Any]]:
-    p = folder / "cells.jsonl"
-    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.is_file() else []
+@functools.lru_cache(maxsize=None)
+def _predictions(path: Path) -> dict[str, Any]:
+    """A cell's saved test predictions, read once (every claim and table pairing the cell reads them)."""
+    import numpy as np
+
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
 
 
 def _deployed(folder: Path, cell: dict[str, Any], when: str) -> tuple[Any, Any]:
     """The cell's deployed test predictions at ``when`` and the labels, checked against the accuracy the
     cell recorded (the saved predictions are what the numbers were computed from)."""
-    import numpy as np
-
-    key, arr = WHEN[when]
-    with np.load(folder / "predictions" / cell["predictions"]) as z:
-        pred, labels = z[arr][cell[key]["chosen"]], z["labels"]
+    key, sub = WHEN[when]
+    z = _predictions(folder / "predictions" / cell["predictions"])
+    pred, labels = z[f"{sub}_preds"][cell[key]["chosen"]], z["labels"]
     acc = 100 * float((pred == labels).mean())
     if abs(acc - cell[key]["deployed"]) > 0.006:  # recorded to 2 decimals
         raise SystemExit(f"error: {cell['predictions']}: {when} predictions give {acc:.2f} %, the cell recorded "
@@ -108,7 +111,7 @@ def compare_rows(folder: Path, cells: list[dict[str, Any]], a: str, b: str, nois
 
 def ceiling(folder: Path, cells: list[dict[str, Any]], noise: float, when: str) -> dict[str, Any] | None:
     single = [c for c in cells if c["row"] == "single" and abs(c["noise"] - noise) < 1e-9]
-    return ensemble_gain(folder, single, WHEN[when][1].split("_")[0]) if len(single) >= 2 else None
+    return ensemble_gain(folder, single, WHEN[when][1]) if len(single) >= 2 else None
 
 
 def disagreement(folder: Path, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -116,8 +119,6 @@ def disagreement(folder: Path, cells: list[dict[str, Any]]) -> list[dict[str, An
     cell predict different classes, per row, beside the same share between independent single runs (their
     deployed heads, seed against seed), at the final and the early-stopped checkpoint."""
     import itertools
-
-    import numpy as np
 
     def pairwise(preds: list[Any]) -> float:
         return 100 * statistics.fmean(float((a != b).mean()) for a, b in itertools.combinations(preds, 2))
@@ -128,24 +129,21 @@ def disagreement(folder: Path, cells: list[dict[str, Any]]) -> list[dict[str, An
         for row in dict.fromkeys(c["row"] for c in sorted(at, key=lambda c: c["row"] != "single")):
             cs = [c for c in at if c["row"] == row]
             entry: dict[str, Any] = {"row": row, "noise": n, "cells": len(cs)}
-            for when, (_, arr) in WHEN.items():
+            for when, (_, sub) in WHEN.items():
                 if row == "single":
                     if len(cs) < 2:
                         break
                     entry[when] = pairwise([_deployed(folder, c, when)[0] for c in cs])
                 else:
-                    per = []
-                    for c in cs:
-                        with np.load(folder / "predictions" / c["predictions"]) as z:
-                            per.append(pairwise(list(z[arr][:-1])))  # the heads; the last row is the ensemble
-                    entry[when] = statistics.fmean(per)
+                    entry[when] = statistics.fmean(  # the heads: the last row is the ensemble
+                        pairwise(list(_predictions(folder / "predictions" / c["predictions"])[f"{sub}_preds"][:-1]))
+                        for c in cs)
             else:
                 out.append(entry)
     return out
 
 
-def report(folder: Path) -> dict[str, Any]:
-    cells = read_cells(folder)
+def report(folder: Path, cells: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"folder": str(folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder),
                            "cells": len(cells), "min_pairs": MIN_PAIRS, "ceiling": {}, "claims": [], "verdicts": {}}
     for n in NOISES:
@@ -305,13 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(a.folder)
     if not (folder / "cells.jsonl").is_file():
         raise SystemExit(f"error: no cells.jsonl in {folder}; run benchmarks/long_grid.sh first")
-    rep = report(folder)
+    cells = read_cells(folder)
+    rep = report(folder, cells)
     text = markdown(rep)
     (folder / "report.json").write_text(json.dumps(rep, indent=1) + "\n")
     (folder / "report.md").write_text(text)
     print(text)
     if a.plot:
-        plot(read_cells(folder), Path(a.plot))
+        plot(cells, Path(a.plot))
     return 0
 
 

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import click
 
+from .compare import BUILTIN
 from .errors import HeadsurgeonError, first_line
 from .storage import human
 
@@ -411,8 +412,7 @@ def recipe_cmd(recipe: str | None, sets: tuple[str, ...], schema: bool, output: 
 @main.command("compare")
 @click.argument("recipe", required=False, type=click.Path())
 @click.option("--variant", "variants", multiple=True, metavar="NAME", help="A variant to compare with the single model "
-              "(repeatable or comma-separated): single, inst2, inst4, heads2, heads4, hier4, hier4-norescale, ind4, one4, "
-              "dml2, dml4, kdcl2, kdcl4, pcl4, hier4-late, or a name from --variants.")
+              f"(repeatable or comma-separated): {', '.join(BUILTIN)}, or a name from --variants.")
 @click.option("--variants", "variants_file", default=None, type=click.Path(dir_okay=False),
               help="YAML file of your own variants: name -> recipe overrides (a mapping of keys, or KEY=VALUE strings).")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Seeds, comma-separated; each seed is one paired "
@@ -442,7 +442,7 @@ def compare_cmd(recipe: str | None, variants: tuple[str, ...], variants_file: st
     Resumable: a rerun runs only missing (or failed) cells. `headsurgeon compare DIR --report` re-prints."""
     import time
 
-    from .compare import BUILTIN, compare, write_report
+    from .compare import compare, write_report
 
     if report_only:
         if not recipe or output or variants or variants_file or sets:

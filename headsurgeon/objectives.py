@@ -275,8 +275,10 @@ class CL(Objective):
     @property
     def beta_now(self) -> float:
         """The hard-term weight this epoch: ``beta``, or its linear schedule towards ``beta_end``."""
-        if self.beta_end is None or self.beta_epochs <= 1:
-            return self.beta if self.beta_end is None else self.beta_end
+        if self.beta_end is None:
+            return self.beta
+        if self.beta_epochs <= 1:
+            return self.beta_end
         f = min(self.epoch, self.beta_epochs - 1) / (self.beta_epochs - 1)
         return (1 - f) * self.beta + f * self.beta_end  # exactly beta at f = 0 and beta_end at f = 1
 
